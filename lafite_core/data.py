@@ -1,0 +1,210 @@
+"""Dataset discovery in MVTec-AD layout, from a local path or any fsspec URL.
+
+Layout (MVTec-AD and MPDD)::
+
+    <root>/<category>/train/good/*.png
+    <root>/<category>/test/<type>/*.png            (type "good" or a defect name)
+    <root>/<category>/ground_truth/<type>/<stem>_mask.png
+
+A root may hold categories directly (the dataset is named after the root) or one folder per dataset
+holding categories, or be a single category folder itself.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import posixpath
+from dataclasses import dataclass, field
+from typing import Literal
+
+import fsspec
+import numpy as np
+from fsspec.core import url_to_fs
+
+from lafite_core.images import IMAGE_EXTENSIONS, decode_image, decode_mask
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One image of a category, with what is known about it."""
+
+    url: str
+    dataset: str
+    category: str
+    split: Literal["train", "test"]
+    defect_type: str
+    mask_url: str | None = None
+
+    @property
+    def label(self) -> int:
+        """0 for a normal image, 1 for an anomalous one."""
+        return 0 if self.defect_type == "good" else 1
+
+    @property
+    def stem(self) -> str:
+        return posixpath.splitext(posixpath.basename(self.url))[0]
+
+    @property
+    def image_id(self) -> str:
+        """Unique within a store: dataset/category/split/type/stem."""
+        return f"{self.dataset}/{self.category}/{self.split}/{self.defect_type}/{self.stem}"
+
+
+@dataclass(frozen=True)
+class Category:
+    """One category of one dataset, with its train and test samples (sorted by path)."""
+
+    dataset: str
+    name: str
+    url: str
+    train: tuple[Sample, ...]
+    test: tuple[Sample, ...]
+    missing_masks: tuple[str, ...] = field(default=())
+
+    @property
+    def has_masks(self) -> bool:
+        return any(s.mask_url for s in self.test)
+
+    @property
+    def key(self) -> str:
+        return f"{self.dataset}/{self.name}"
+
+
+def _join(fs: fsspec.AbstractFileSystem, path: str, *parts: str) -> str:
+    return posixpath.join(path, *parts) if fs.sep == "/" else fs.sep.join([path, *parts])
+
+
+def _url(fs: fsspec.AbstractFileSystem, path: str) -> str:
+    return fs.unstrip_protocol(path) if _protocol(fs) != "file" else path
+
+
+def _protocol(fs: fsspec.AbstractFileSystem) -> str:
+    p = fs.protocol
+    return p[0] if isinstance(p, (tuple, list)) else p
+
+
+def _dirs(fs: fsspec.AbstractFileSystem, path: str) -> list[str]:
+    try:
+        entries = fs.ls(path, detail=True)
+    except FileNotFoundError:
+        return []
+    return sorted(e["name"].rstrip("/") for e in entries if e["type"] == "directory")
+
+
+def _images(fs: fsspec.AbstractFileSystem, path: str) -> list[str]:
+    try:
+        entries = fs.ls(path, detail=True)
+    except FileNotFoundError:
+        return []
+    return sorted(
+        e["name"] for e in entries
+        if e["type"] == "file" and e["name"].lower().endswith(IMAGE_EXTENSIONS)
+    )
+
+
+def _is_category(fs: fsspec.AbstractFileSystem, path: str) -> bool:
+    return fs.isdir(_join(fs, path, "train")) or fs.isdir(_join(fs, path, "test"))
+
+
+def _read_category(fs: fsspec.AbstractFileSystem, path: str, dataset: str) -> Category:
+    name = posixpath.basename(path.rstrip("/"))
+    train = tuple(
+        Sample(_url(fs, p), dataset, name, "train", "good")
+        for p in _images(fs, _join(fs, path, "train", "good"))
+    )
+    test: list[Sample] = []
+    missing: list[str] = []
+    for type_dir in _dirs(fs, _join(fs, path, "test")):
+        defect = posixpath.basename(type_dir)
+        gt_dir = _join(fs, path, "ground_truth", defect)
+        masks = {posixpath.basename(m): m for m in _images(fs, gt_dir)} if defect != "good" else {}
+        for p in _images(fs, type_dir):
+            stem = posixpath.splitext(posixpath.basename(p))[0]
+            mask = masks.get(f"{stem}_mask.png")
+            if defect != "good" and mask is None:
+                missing.append(_url(fs, p))
+            test.append(Sample(_url(fs, p), dataset, name, "test", defect, _url(fs, mask) if mask else None))
+    return Category(dataset, name, _url(fs, path), train, tuple(test), tuple(missing))
+
+
+def discover(
+    root: str,
+    categories: list[str] | None = None,
+    storage_options: dict | None = None,
+) -> list[Category]:
+    """All categories under ``root`` (a path or fsspec URL), optionally filtered by name.
+
+    ``categories`` entries match either the category name or ``dataset/category``. Raises
+    FileNotFoundError for a missing root and ValueError when nothing in MVTec layout is found.
+    """
+    fs, path = url_to_fs(root, **(storage_options or {}))
+    path = path.rstrip("/") or path
+    if not fs.isdir(path):
+        raise FileNotFoundError(f"data root {root!r} does not exist or is not a folder")
+    found: list[Category] = []
+    if _is_category(fs, path):
+        parent = posixpath.basename(posixpath.dirname(path)) or "data"
+        found.append(_read_category(fs, path, parent))
+    else:
+        root_name = posixpath.basename(path) or "data"
+        for child in _dirs(fs, path):
+            if _is_category(fs, child):
+                found.append(_read_category(fs, child, root_name))
+            else:
+                for grandchild in _dirs(fs, child):
+                    if _is_category(fs, grandchild):
+                        found.append(_read_category(fs, grandchild, posixpath.basename(child)))
+    if categories:
+        wanted = set(categories)
+        found = [c for c in found if c.name in wanted or c.key in wanted]
+        unknown = wanted - {c.name for c in found} - {c.key for c in found}
+        if unknown:
+            raise ValueError(f"categories {sorted(unknown)} not found under {root!r}")
+    if not found:
+        raise ValueError(
+            f"no category in MVTec-AD layout under {root!r}: expected "
+            f"<root>/<category>/train/good/*.png (or <root>/<dataset>/<category>/...)"
+        )
+    for c in found:
+        if c.missing_masks:
+            log.warning("%s: %d anomalous test images have no mask (e.g. %s); they are left out of "
+                        "pixel metrics", c.key, len(c.missing_masks), c.missing_masks[0])
+    return found
+
+
+def content_hash(data: bytes) -> str:
+    """sha256 of a file's bytes, hex (identifies an image independently of its path)."""
+    return hashlib.sha256(data).hexdigest()
+
+
+@dataclass(frozen=True)
+class LoadedSample:
+    sample: Sample
+    image: np.ndarray  # [S, S, 3] uint8
+    mask: np.ndarray | None  # [S, S] bool; all False for good test images; None when unknown
+    content_hash: str
+    original_size: tuple[int, int]
+
+
+def read_bytes(url: str, storage_options: dict | None = None) -> bytes:
+    with fsspec.open(url, "rb", **(storage_options or {})) as f:
+        return f.read()
+
+
+def load_sample(sample: Sample, size: int, max_pixels: int = 100_000_000,
+                storage_options: dict | None = None) -> LoadedSample:
+    """Read and decode one sample and its mask. Raises ImageDecodeError/OSError naming the file."""
+    data = read_bytes(sample.url, storage_options)
+    image, original = decode_image(data, size, sample.url, max_pixels)
+    mask: np.ndarray | None
+    if sample.mask_url:
+        mask = decode_mask(read_bytes(sample.mask_url, storage_options), size, sample.mask_url,
+                           expected_size=original, max_pixels=max_pixels)
+    elif sample.label == 0:
+        mask = np.zeros((size, size), dtype=bool)
+    else:
+        mask = None
+    return LoadedSample(sample, image, mask, content_hash(data), original)

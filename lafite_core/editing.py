@@ -1,0 +1,35 @@
+"""Feature editing (eq. 10): each patch becomes a weighted mix of its K nearest coreset members.
+
+As printed, eq. 10 weighs neighbour n_k by 1 - softmax_k(||x - n_k||_2); those weights sum to K - 1
+and vanish for K = 1. Here they are divided by K - 1 so that they sum to 1, and K = 1 is the plain
+nearest neighbour (weight 1). Distances are L2 (not squared), as in the equation.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from lafite_core.knn import KNN
+
+
+def editing_weights(distances: torch.Tensor) -> torch.Tensor:
+    """[Q, K] L2 distances (ascending) -> [Q, K] weights summing to 1 (normalised eq. 10)."""
+    k = distances.shape[1]
+    if k == 1:
+        return torch.ones_like(distances)
+    return (1.0 - torch.softmax(distances, dim=1)) / (k - 1)
+
+
+def edit_features(features: torch.Tensor, bank: np.ndarray, knn: KNN, k: int) -> torch.Tensor:
+    """features [B, D, H, W] -> edited [B, D, H, W]; ``bank`` [M, D] is the coreset ``knn`` indexes."""
+    b, d, h, w = features.shape
+    if bank.shape[1] != d:
+        raise ValueError(f"bank has {bank.shape[1]} channels but features have {d}")
+    queries = features.permute(0, 2, 3, 1).reshape(-1, d).detach().cpu().numpy()
+    nb = knn.search(queries, k)
+    dist = torch.from_numpy(np.sqrt(nb.distances))
+    weights = editing_weights(dist)  # [Q, K]
+    neighbours = torch.from_numpy(bank[nb.indices.reshape(-1)]).view(-1, k, d)  # [Q, K, D]
+    edited = (weights.unsqueeze(-1) * neighbours).sum(1)
+    return edited.view(b, h, w, d).permute(0, 3, 1, 2).contiguous().to(features.device, features.dtype)

@@ -1,0 +1,105 @@
+"""Decoding images and masks of any common size and mode into model-sized arrays.
+
+Images become RGB uint8 [S, S, 3] (bilinear resize); masks become bool [S, S] (nearest resize,
+binarised at half the value range). Decoding is bounded: files over ``max_bytes`` and images over
+``max_pixels`` are refused before their pixels are decoded.
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+DEFAULT_MAX_BYTES = 256 * 1024 * 1024
+
+# PIL's own bomb check is replaced by the explicit limit below (applied before decoding).
+Image.MAX_IMAGE_PIXELS = None
+
+
+class ImageDecodeError(ValueError):
+    """A file could not be turned into an image; the message names the file and the reason."""
+
+
+def _open(data: bytes, name: str, max_pixels: int, max_bytes: int) -> Image.Image:
+    if len(data) == 0:
+        raise ImageDecodeError(f"{name}: empty file (0 bytes)")
+    if len(data) > max_bytes:
+        raise ImageDecodeError(f"{name}: file has {len(data)} bytes, over the limit of {max_bytes}")
+    try:
+        im = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:
+        raise ImageDecodeError(f"{name}: not a recognised image format") from None
+    except Exception as exc:  # PIL raises many kinds on malformed headers
+        raise ImageDecodeError(f"{name}: cannot read image header ({exc})") from None
+    w, h = im.size
+    if w < 1 or h < 1:
+        raise ImageDecodeError(f"{name}: image has no pixels ({w}x{h})")
+    if w * h > max_pixels:
+        raise ImageDecodeError(
+            f"{name}: image is {w}x{h} = {w * h} pixels, over the limit of {max_pixels} "
+            f"(DataConfig.max_image_pixels)"
+        )
+    try:
+        im.load()  # PIL raises OSError on truncated data (ImageFile.LOAD_TRUNCATED_IMAGES is False)
+    except Exception as exc:
+        raise ImageDecodeError(f"{name}: image data is truncated or corrupt ({exc})") from None
+    return im
+
+
+def _to_8bit(im: Image.Image) -> Image.Image:
+    """High-bit-depth and float greyscale to 8-bit greyscale, scaling by the type's range."""
+    arr = np.asarray(im)
+    if im.mode.startswith("I;16") or (im.mode == "I" and arr.max(initial=0) > 255):
+        arr = arr.astype(np.float64) / 65535.0 * 255.0
+    elif im.mode == "F":
+        hi = float(arr.max(initial=0))
+        arr = arr / hi * 255.0 if hi > 1.0 else arr * 255.0
+    return Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), mode="L")
+
+
+def _rgb(im: Image.Image) -> Image.Image:
+    if im.mode.startswith("I") or im.mode == "F":
+        im = _to_8bit(im)
+    if im.mode == "RGB":
+        return im
+    if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+        # Composite on black so that hidden colour values under transparent pixels do not leak.
+        rgba = im.convert("RGBA")
+        black = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
+        return Image.alpha_composite(black, rgba).convert("RGB")
+    return im.convert("RGB")
+
+
+def decode_image(
+    data: bytes, size: int, name: str = "<bytes>", max_pixels: int = 100_000_000,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+) -> tuple[np.ndarray, tuple[int, int]]:
+    """Bytes -> (RGB uint8 [size, size, 3], original (width, height))."""
+    im = _open(data, name, max_pixels, max_bytes)
+    original = im.size
+    rgb = _rgb(im).resize((size, size), Image.BILINEAR)
+    return np.asarray(rgb, dtype=np.uint8).copy(), original
+
+
+def decode_mask(
+    data: bytes, size: int, name: str = "<bytes>", expected_size: tuple[int, int] | None = None,
+    max_pixels: int = 100_000_000,
+) -> np.ndarray:
+    """Mask bytes -> bool [size, size]: nearest resize, then binarised at half the value range.
+
+    ``expected_size`` is the (width, height) of the image the mask belongs to; a mask of another
+    size is refused because it cannot be aligned with the image reliably.
+    """
+    im = _open(data, name, max_pixels, DEFAULT_MAX_BYTES)
+    if expected_size is not None and im.size != tuple(expected_size):
+        raise ImageDecodeError(
+            f"{name}: mask is {im.size[0]}x{im.size[1]} but its image is "
+            f"{expected_size[0]}x{expected_size[1]}; masks must match their image"
+        )
+    if im.mode.startswith("I") or im.mode == "F":
+        im = _to_8bit(im)
+    grey = im.convert("L").resize((size, size), Image.NEAREST)
+    return np.asarray(grey) >= 128

@@ -1,0 +1,85 @@
+"""Exact nearest-neighbour search over a memory bank, through faiss (GPU index when present).
+
+``TorchKNN`` is the chunked-matmul reference the benchmark compares against; both return squared L2
+distances, ascending.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import NamedTuple, Protocol
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+
+class Neighbours(NamedTuple):
+    distances: np.ndarray  # [Q, K] float32, squared L2, ascending
+    indices: np.ndarray  # [Q, K] int64, rows of the bank
+
+
+class KNN(Protocol):
+    def search(self, queries: np.ndarray, k: int) -> Neighbours: ...
+
+
+def _check(bank: np.ndarray) -> None:
+    if bank.ndim != 2 or bank.shape[0] == 0:
+        raise ValueError(f"bank must be a non-empty [M, D] array, got shape {bank.shape}")
+
+
+class FaissKNN:
+    """faiss ``IndexFlatL2`` over ``bank`` [M, D]; moved to GPU 0 when faiss sees a GPU."""
+
+    def __init__(self, bank: np.ndarray, use_gpu: bool | None = None) -> None:
+        import faiss
+
+        bank = np.ascontiguousarray(bank, dtype=np.float32)
+        _check(bank)
+        self.size = bank.shape[0]
+        index = faiss.IndexFlatL2(bank.shape[1])
+        gpus = faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
+        if use_gpu is None:
+            use_gpu = gpus > 0
+        if use_gpu:
+            if gpus == 0:
+                raise RuntimeError("use_gpu=True but faiss sees no GPU (install faiss-gpu on a GPU machine)")
+            index = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, index)
+        index.add(bank)
+        self.index = index
+        self.on_gpu = bool(use_gpu)
+
+    def search(self, queries: np.ndarray, k: int) -> Neighbours:
+        """queries [Q, D] -> k nearest bank rows."""
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        if queries.ndim != 2 or k < 1 or k > self.size:
+            raise ValueError(f"need queries [Q, D] and 1 <= k <= {self.size}; got {queries.shape}, k={k}")
+        d, i = self.index.search(queries, k)
+        return Neighbours(np.maximum(d, 0), i.astype(np.int64))
+
+
+class TorchKNN:
+    """Exact search by chunked ``|q|^2 - 2 q.b + |b|^2`` matmuls with torch (reference path)."""
+
+    def __init__(self, bank: np.ndarray, device: str = "cpu", chunk: int = 4096) -> None:
+        bank = np.ascontiguousarray(bank, dtype=np.float32)
+        _check(bank)
+        self.bank = torch.from_numpy(bank).to(device)
+        self.bank_sq = (self.bank * self.bank).sum(1)
+        self.chunk = chunk
+        self.size = bank.shape[0]
+
+    @torch.no_grad()
+    def search(self, queries: np.ndarray, k: int) -> Neighbours:
+        q_all = torch.as_tensor(np.ascontiguousarray(queries, dtype=np.float32), device=self.bank.device)
+        if q_all.ndim != 2 or q_all.shape[1] != self.bank.shape[1] or not 1 <= k <= self.size:
+            raise ValueError(f"need queries [Q, {self.bank.shape[1]}] and 1 <= k <= {self.size}; "
+                             f"got {tuple(q_all.shape)}, k={k}")
+        ds, ids = [], []
+        for q in q_all.split(self.chunk):
+            d = (q * q).sum(1, keepdim=True) - 2 * q @ self.bank.T + self.bank_sq[None]
+            v, i = torch.topk(d, k, dim=1, largest=False)
+            ds.append(v.clamp_min(0))
+            ids.append(i)
+        return Neighbours(torch.cat(ds).cpu().numpy(), torch.cat(ids).cpu().numpy().astype(np.int64))

@@ -1,0 +1,152 @@
+"""A trained LafitE model (statistics, U-Net, coreset, tau, K) and the scorer that runs it.
+
+The model serialises to a set of named files (``to_files``/``from_files``) without pickle: the U-Net
+as a torch state dict loaded with ``weights_only=True``, arrays as ``.npy``/``.npz``, the rest as
+JSON. Where the files live, and how a version is published atomically, is the store's business.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from lafite_core.config import PipelineConfig, config_hash
+from lafite_core.ddim import DDIMSampler
+from lafite_core.editing import edit_features
+from lafite_core.knn import FaissKNN
+from lafite_core.normalize import FeatureStats
+from lafite_core.schedule import cosine_schedule
+from lafite_core.scoring import (
+    METHODS,
+    AnomalyMaps,
+    Method,
+    lafite_errors,
+    nearest_distance_errors,
+    to_anomaly_maps,
+)
+from lafite_core.unet import UNet
+
+MODEL_FILES = ("unet.pt", "stats.npz", "bank.npy", "model.json")
+
+
+@dataclass
+class LafiteModel:
+    """Everything scoring needs. ``bank`` [M, D] holds normalised coreset features."""
+
+    config: PipelineConfig
+    stats: FeatureStats
+    unet: UNet
+    bank: np.ndarray
+    tau: int
+    k: int
+    categories: tuple[str, ...]
+    backbone: dict = field(default_factory=dict)
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def feature_dim(self) -> int:
+        return int(self.bank.shape[1])
+
+    def to_files(self) -> dict[str, bytes]:
+        buf = io.BytesIO()
+        torch.save({k: v.detach().cpu() for k, v in self.unet.state_dict().items()}, buf)
+        bank = io.BytesIO()
+        np.save(bank, np.ascontiguousarray(self.bank, dtype=np.float32), allow_pickle=False)
+        meta = {
+            "config": json.loads(self.config.to_json()),
+            "config_hash": config_hash(self.config),
+            "tau": self.tau,
+            "k": self.k,
+            "categories": list(self.categories),
+            "feature_dim": self.feature_dim,
+            "feature_size": self.config.backbone.feature_size,
+            "backbone": self.backbone,
+            "extra": self.extra,
+        }
+        return {
+            "unet.pt": buf.getvalue(),
+            "stats.npz": self.stats.to_bytes(),
+            "bank.npy": bank.getvalue(),
+            "model.json": json.dumps(meta, indent=2, sort_keys=True).encode(),
+        }
+
+    @classmethod
+    def from_files(cls, files: dict[str, bytes], device: str | torch.device = "cpu") -> "LafiteModel":
+        missing = [name for name in MODEL_FILES if name not in files]
+        if missing:
+            raise ValueError(f"model is incomplete: missing {missing}")
+        meta = json.loads(files["model.json"])
+        config = PipelineConfig.model_validate(meta["config"])
+        if config_hash(config) != meta["config_hash"]:
+            raise ValueError("model.json: config does not match its recorded hash")
+        unet = UNet(int(meta["feature_dim"]), int(meta["feature_size"]), config.diffusion)
+        state = torch.load(io.BytesIO(files["unet.pt"]), map_location="cpu", weights_only=True)
+        unet.load_state_dict(state)
+        bank = np.load(io.BytesIO(files["bank.npy"]), allow_pickle=False)
+        return cls(
+            config=config,
+            stats=FeatureStats.from_bytes(files["stats.npz"]),
+            unet=unet.to(device).eval(),
+            bank=bank,
+            tau=int(meta["tau"]),
+            k=int(meta["k"]),
+            categories=tuple(meta["categories"]),
+            backbone=meta.get("backbone", {}),
+            extra=meta.get("extra", {}),
+        )
+
+
+class Scorer:
+    """Scores raw aggregated features [B, D, h, w] with one of the three methods."""
+
+    def __init__(self, model: LafiteModel, device: str | torch.device | None = None) -> None:
+        self.model = model
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.model.unet.to(self.device).eval()
+        self.sampler = DDIMSampler(cosine_schedule(model.config.diffusion.timesteps), model.config.scoring.eta)
+        self.knn = FaissKNN(model.bank)
+
+    def normalize(self, raw: torch.Tensor) -> torch.Tensor:
+        return self.model.stats.apply(raw.to(self.device, torch.float32))
+
+    def errors(
+        self, x0: torch.Tensor, method: Method, seeds: Sequence[int],
+        tau: int | None = None, k: int | None = None,
+    ) -> torch.Tensor:
+        """Normalised features [B, D, h, w] -> feature-level errors [B, h, w]."""
+        if method not in METHODS:
+            raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
+        k = k or self.model.k
+        if method == "patchcore":
+            d = x0.shape[1]
+            queries = x0.permute(0, 2, 3, 1).reshape(-1, d).cpu().numpy()
+            nearest = torch.from_numpy(self.knn.search(queries, 1).distances[:, 0])
+            return nearest_distance_errors(x0, nearest)
+        editor = None
+        if method == "lafite":
+            editor = lambda x: edit_features(x, self.model.bank, self.knn, k)  # noqa: E731
+        return lafite_errors(
+            x0, self.model.unet, self.sampler, tau or self.model.tau,
+            self.model.config.scoring.ddim_steps, seeds, editor,
+        )
+
+    @torch.no_grad()
+    def score(
+        self, raw: torch.Tensor, method: Method, seeds: Sequence[int],
+        tau: int | None = None, k: int | None = None,
+    ) -> AnomalyMaps:
+        """Raw features [N, D, h, w] -> AnomalyMaps ([N, S, S] maps, [N] scores), batched."""
+        sc = self.model.config.scoring
+        maps, scores = [], []
+        for s in range(0, raw.shape[0], sc.batch_size):
+            x0 = self.normalize(raw[s : s + sc.batch_size])
+            err = self.errors(x0, method, seeds[s : s + sc.batch_size], tau, k)
+            out = to_anomaly_maps(err, self.model.config.data.image_size, sc.smoothing_sigma, sc.image_pool)
+            maps.append(out.maps.cpu())
+            scores.append(out.scores.cpu())
+        return AnomalyMaps(torch.cat(maps), torch.cat(scores))

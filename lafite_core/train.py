@@ -1,0 +1,139 @@
+"""Training the epsilon U-Net on normalised training features (eq. 6), resumable from checkpoints.
+
+AdamW (lr and weight decay from the config), lr x0.1 after ``lr_drop_at`` of the epochs, uniform
+timesteps, MSE between true and predicted noise. Every epoch draws its shuffling, timesteps and noise
+from a generator seeded by (seed, epoch), so a run resumed from a checkpoint continues exactly as the
+uninterrupted run would have.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from lafite_core.config import DiffusionConfig
+from lafite_core.schedule import cosine_schedule
+from lafite_core.unet import UNet
+
+log = logging.getLogger(__name__)
+
+
+def pick_device(prefer: str | None = None) -> torch.device:
+    """CUDA when present (or when asked); says loudly when training falls back to the CPU."""
+    if prefer:
+        if prefer.startswith("cuda") and not torch.cuda.is_available():
+            raise RuntimeError(f"device {prefer!r} requested but CUDA is not available")
+        return torch.device(prefer)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    log.warning("CUDA is not available: training the diffusion U-Net on the CPU (slow; the `paper` "
+                "profile needs a GPU worker)")
+    return torch.device("cpu")
+
+
+@dataclass
+class TrainState:
+    """Everything needed to continue training: weights, optimiser, lr schedule, epochs done."""
+
+    unet: UNet
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    epoch: int = 0
+    losses: list[float] = field(default_factory=list)
+
+    def to_bytes(self, config_json: str) -> bytes:
+        buf = io.BytesIO()
+        torch.save(
+            {
+                "unet": self.unet.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "epoch": self.epoch,
+                "losses": torch.tensor(self.losses, dtype=torch.float64),
+                "config": config_json,
+            },
+            buf,
+        )
+        return buf.getvalue()
+
+
+def new_state(in_channels: int, feature_size: int, cfg: DiffusionConfig, seed: int,
+              device: torch.device) -> TrainState:
+    torch.manual_seed(seed)  # parameter initialisation is the one use of the global generator
+    unet = UNet(in_channels, feature_size, cfg).to(device)
+    opt = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    drop = max(1, int(round(cfg.lr_drop_at * cfg.epochs)))
+    sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=[drop], gamma=0.1)
+    return TrainState(unet, opt, sched)
+
+
+def load_state(data: bytes, in_channels: int, feature_size: int, cfg: DiffusionConfig,
+               device: torch.device) -> TrainState:
+    """Restore a TrainState saved by ``to_bytes`` (loaded with weights_only=True)."""
+    ckpt = torch.load(io.BytesIO(data), map_location=device, weights_only=True)
+    state = new_state(in_channels, feature_size, cfg, 0, device)
+    state.unet.load_state_dict(ckpt["unet"])
+    state.optimizer.load_state_dict(ckpt["optimizer"])
+    state.scheduler.load_state_dict(ckpt["scheduler"])
+    state.epoch = int(ckpt["epoch"])
+    state.losses = [float(x) for x in ckpt["losses"]]
+    return state
+
+
+def train_unet(
+    features: torch.Tensor,
+    cfg: DiffusionConfig,
+    seed: int,
+    device: torch.device | None = None,
+    state: TrainState | None = None,
+    on_checkpoint: Callable[[TrainState], None] | None = None,
+    on_epoch: Callable[[int, float], None] | None = None,
+) -> TrainState:
+    """Train (or continue training) on normalised features [N, D, S, S] up to ``cfg.epochs``.
+
+    ``on_checkpoint`` is called every ``cfg.checkpoint_every`` epochs and after the last one;
+    ``on_epoch(epoch, mean_loss)`` after every epoch (progress display).
+    """
+    if features.ndim != 4 or features.shape[0] == 0:
+        raise ValueError(f"need non-empty features [N, D, S, S], got {tuple(features.shape)}")
+    device = device or pick_device()
+    n, d, s, _ = features.shape
+    state = state or new_state(d, s, cfg, seed, device)
+    schedule = cosine_schedule(cfg.timesteps)
+    ab = torch.tensor(schedule.alphas_cumprod, dtype=torch.float32, device=device)
+    data = features.to(device)
+    state.unet.train()
+    for epoch in range(state.epoch, cfg.epochs):
+        g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+        order = torch.randperm(n, generator=g)
+        total, batches = 0.0, 0
+        for start in range(0, n, cfg.batch_size):
+            idx = order[start : start + cfg.batch_size]
+            x0 = data[idx.to(device)]
+            t = torch.randint(0, cfg.timesteps, (idx.numel(),), generator=g).to(device)
+            eps = torch.randn(x0.shape, generator=g).to(device)
+            a = ab[t].view(-1, 1, 1, 1)
+            x_t = a.sqrt() * x0 + (1 - a).sqrt() * eps  # eq. 3 / 8
+            loss = F.mse_loss(state.unet(x_t, t), eps)  # eq. 6
+            state.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            state.optimizer.step()
+            total += loss.item()
+            batches += 1
+        state.scheduler.step()
+        state.epoch = epoch + 1
+        state.losses.append(total / batches)
+        if not torch.isfinite(torch.tensor(state.losses[-1])):
+            raise FloatingPointError(f"training loss became {state.losses[-1]} at epoch {epoch + 1}; "
+                                     f"lower the learning rate")
+        if on_epoch:
+            on_epoch(state.epoch, state.losses[-1])
+        if on_checkpoint and (state.epoch % cfg.checkpoint_every == 0 or state.epoch == cfg.epochs):
+            on_checkpoint(state)
+    state.unet.eval()
+    return state

@@ -1,0 +1,37 @@
+import pytest
+from pydantic import ValidationError
+
+from lafite_core.config import PipelineConfig, config_hash, cpu_profile, load_profile, paper_profile
+
+
+def test_hash_is_stable_and_sensitive():
+    a, b = cpu_profile(), cpu_profile()
+    assert config_hash(a) == config_hash(b) and len(config_hash(a)) == 16
+    assert config_hash(a) != config_hash(a.with_updates(scoring={"tau": 123}))
+    assert config_hash(a) != config_hash(paper_profile())
+    assert PipelineConfig.from_json(a.to_json()) == a
+
+
+def test_profiles_match_the_paper_settings():
+    p = paper_profile()
+    assert p.backbone.name.startswith("tf_efficientnet_b4")
+    assert p.backbone.feature_size == 32 and p.data.image_size == 224
+    d = p.diffusion
+    assert (d.base_channels, d.channel_mult, d.epochs, d.batch_size) == (256, (1, 2, 3, 4), 1000, 64)
+    assert (d.lr, d.weight_decay, d.lr_drop_at, d.timesteps) == (1e-4, 1e-4, 0.8, 1000)
+    assert p.coreset.keep_rate == 0.1 and p.scoring.smoothing_sigma == 4.0
+    assert load_profile("cpu").backbone.name == "tf_efficientnet_lite0"
+
+
+def test_frozen_and_validated():
+    c = cpu_profile()
+    with pytest.raises(ValidationError):
+        c.seed = 3  # type: ignore[misc]
+    with pytest.raises(ValidationError, match="tau"):
+        c.with_updates(scoring={"tau": 1000})
+    with pytest.raises(ValidationError, match="divisible"):
+        c.with_updates(backbone={"feature_size": 30})
+    with pytest.raises(ValueError, match="unknown profile"):
+        load_profile("gpu")
+    with pytest.raises(ValidationError):
+        PipelineConfig.model_validate({"nonsense": 1})

@@ -1,0 +1,57 @@
+import numpy as np
+import pytest
+import torch
+
+from lafite_core.editing import edit_features, editing_weights
+from lafite_core.knn import FaissKNN, TorchKNN
+
+
+def _bank(m=500, d=12, seed=0):
+    return np.random.default_rng(seed).normal(size=(m, d)).astype(np.float32)
+
+
+def test_faiss_and_torch_agree_with_brute_force():
+    bank = _bank()
+    q = np.random.default_rng(1).normal(size=(300, 12)).astype(np.float32)
+    brute = ((q[:, None] - bank[None]) ** 2).sum(-1)
+    expect = np.argsort(brute, 1)[:, :5]
+    for knn in (FaissKNN(bank), TorchKNN(bank, chunk=64)):
+        nb = knn.search(q, 5)
+        np.testing.assert_array_equal(nb.indices, expect)
+        np.testing.assert_allclose(nb.distances, np.take_along_axis(brute, expect, 1), rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError):
+        FaissKNN(bank).search(q, 501)
+
+
+def test_weights_normalised_and_ordered():
+    d = torch.tensor([[0.5, 1.0, 3.0], [2.0, 2.0, 2.0]])
+    w = editing_weights(d)
+    torch.testing.assert_close(w.sum(1), torch.ones(2))
+    assert w[0, 0] > w[0, 1] > w[0, 2]
+    torch.testing.assert_close(w[1], torch.full((3,), 1 / 3))
+    # eq. 10 before normalisation: (1 - softmax) sums to K - 1
+    torch.testing.assert_close((1 - torch.softmax(d, 1)).sum(1), torch.full((2,), 2.0))
+    assert editing_weights(torch.tensor([[7.0]])).item() == 1.0
+
+
+def test_k1_is_nearest_neighbour_and_bank_members_unchanged():
+    bank = _bank(200, 6)
+    knn = FaissKNN(bank)
+    feats = torch.from_numpy(bank[:16].T.copy().reshape(6, 4, 4))[None]  # bank members as a 4x4 map
+    out = edit_features(feats, bank, knn, 1)
+    torch.testing.assert_close(out, feats, rtol=0, atol=0)
+    q = torch.randn(2, 6, 3, 3)
+    out = edit_features(q, bank, knn, 1)
+    flat = q.permute(0, 2, 3, 1).reshape(-1, 6).numpy()
+    nn = ((flat[:, None] - bank[None]) ** 2).sum(-1).argmin(1)
+    np.testing.assert_array_equal(out.permute(0, 2, 3, 1).reshape(-1, 6).numpy(), bank[nn])
+
+
+def test_k_greater_than_one_is_convex_combination_of_neighbours():
+    bank = _bank(100, 3)
+    q = torch.randn(1, 3, 2, 2)
+    out = edit_features(q, bank, FaissKNN(bank), 4)
+    assert out.shape == q.shape
+    lo, hi = bank.min(0), bank.max(0)
+    v = out.permute(0, 2, 3, 1).reshape(-1, 3).numpy()
+    assert np.all(v >= lo - 1e-6) and np.all(v <= hi + 1e-6)

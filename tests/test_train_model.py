@@ -1,0 +1,74 @@
+import numpy as np
+import pytest
+import torch
+
+from lafite_core.config import cpu_profile
+from lafite_core.model import LafiteModel, Scorer
+from lafite_core.normalize import FeatureStats
+from lafite_core.train import load_state, new_state, train_unet
+
+
+def _cfg(epochs=4):
+    return cpu_profile().with_updates(
+        diffusion={"base_channels": 16, "channel_mult": (1, 2), "epochs": epochs, "batch_size": 4,
+                   "checkpoint_every": 2, "lr": 1e-3},
+        backbone={"feature_size": 8},
+    )
+
+
+def _features(n=12, d=6, s=8):
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(1, d, s, s, generator=g)
+    return base + 0.1 * torch.randn(n, d, s, s, generator=g)
+
+
+def test_training_lowers_loss_and_resume_equals_uninterrupted():
+    cfg = _cfg(epochs=6).diffusion
+    x = _features()
+    full = train_unet(x, cfg, seed=1, device=torch.device("cpu"))
+    assert full.epoch == 6 and len(full.losses) == 6
+    assert full.losses[-1] < full.losses[0]
+
+    saved = {}
+    part = train_unet(x, cfg.model_copy(update={"epochs": 6}), seed=1, device=torch.device("cpu"),
+                      on_checkpoint=lambda st: saved.setdefault(st.epoch, st.to_bytes("{}")))
+    assert sorted(saved) == [2, 4, 6]
+    resumed = load_state(saved[2], 6, 8, cfg, torch.device("cpu"))
+    assert resumed.epoch == 2
+    resumed = train_unet(x, cfg, seed=1, device=torch.device("cpu"), state=resumed)
+    for (k, a), b in zip(full.unet.state_dict().items(), resumed.unet.state_dict().values()):
+        torch.testing.assert_close(a, b, msg=k)
+    assert resumed.losses == pytest.approx(full.losses)
+    del part
+
+
+def test_feature_stats_normalise_and_roundtrip():
+    x = _features() * 3 + 2
+    st = FeatureStats.fit(x)
+    y = st.apply(x)
+    assert torch.allclose(y.mean(dim=(0, 2, 3)), torch.zeros(6), atol=1e-4)
+    assert torch.allclose(y.std(dim=(0, 2, 3), unbiased=False), torch.ones(6), atol=1e-3)
+    st2 = FeatureStats.from_bytes(st.to_bytes())
+    np.testing.assert_array_equal(st.mean, st2.mean)
+    np.testing.assert_array_equal(st.std, st2.std)
+
+
+def test_model_files_roundtrip_and_scores_agree():
+    cfg = _cfg()
+    x = _features()
+    st = FeatureStats.fit(x)
+    state = new_state(6, 8, cfg.diffusion, 0, torch.device("cpu"))
+    bank = st.apply(x).permute(0, 2, 3, 1).reshape(-1, 6).numpy()[::7].copy()
+    model = LafiteModel(cfg, st, state.unet.eval(), bank, tau=100, k=3, categories=("d/c",))
+    files = model.to_files()
+    again = LafiteModel.from_files(files)
+    assert (again.tau, again.k, again.categories) == (100, 3, ("d/c",))
+    np.testing.assert_array_equal(again.bank, bank)
+    for method in ("lafite", "lafite_no_edit", "patchcore"):
+        a = Scorer(model, "cpu").score(x[:3], method, [1, 2, 3])
+        b = Scorer(again, "cpu").score(x[:3], method, [1, 2, 3])
+        torch.testing.assert_close(a.scores, b.scores)
+    broken = dict(files)
+    del broken["bank.npy"]
+    with pytest.raises(ValueError, match="incomplete"):
+        LafiteModel.from_files(broken)
