@@ -208,3 +208,13 @@ def load_sample(sample: Sample, size: int, max_pixels: int = 100_000_000,
     else:
         mask = None
     return LoadedSample(sample, image, mask, content_hash(data), original)
+
+
+def list_images(source: str, storage_options: dict | None = None) -> list[str]:
+    """Every image file (by extension) under ``source``, recursively, as sorted URLs."""
+    fs, path = url_to_fs(source, **(storage_options or {}))
+    path = path.rstrip("/") or path
+    if not fs.isdir(path):
+        raise FileNotFoundError(f"image source {source!r} does not exist or is not a folder")
+    found = [p for p in fs.find(path) if p.lower().endswith(IMAGE_EXTENSIONS)]
+    return sorted(_url(fs, p) for p in found)

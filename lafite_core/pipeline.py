@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from lafite_core.backbone import FeatureExtractor
+from lafite_core.calibration import Calibration, calibrate
 from lafite_core.config import PipelineConfig, config_hash
 from lafite_core.coreset import select_coreset
 from lafite_core.data import Category, LoadedSample, Sample
@@ -106,8 +107,7 @@ class PseudoValidation:
 @dataclass
 class FitResult:
     model: LafiteModel
-    search: SearchResult | None
-    pseudo: PseudoValidation | None
+    selection: Selection | None
     losses: list[float]
     timings: dict[str, float] = field(default_factory=dict)
     failures: list[LoadFailure] = field(default_factory=list)
@@ -180,6 +180,88 @@ def pseudo_evaluator(scorer: Scorer, pseudo: PseudoValidation, progress: Progres
     return evaluate
 
 
+def split_categories(categories: Sequence[Category], cfg: PipelineConfig) -> tuple[list[Sample], list[Sample]]:
+    """All categories' train/good -> (samples to fit on, held-out pseudo-validation normals)."""
+    empty = [c.key for c in categories if not c.train]
+    if empty:
+        raise ValueError(f"categories without train/good images: {empty}; add normal images or leave "
+                         f"them out with --categories")
+    fit_samples: list[Sample] = []
+    holdout_samples: list[Sample] = []
+    for i, c in enumerate(categories):
+        keep, hold = split_holdout(c.train, cfg, cfg.seed + i)
+        fit_samples += keep
+        holdout_samples += hold
+    return fit_samples, holdout_samples
+
+
+@dataclass
+class TrainedParts:
+    stats: FeatureStats
+    state: TrainState
+    bank: np.ndarray
+
+
+def train_parts(
+    raw: np.ndarray, groups: np.ndarray, cfg: PipelineConfig, device: str | None = None,
+    state: TrainState | None = None, on_checkpoint: Callable[[TrainState], None] | None = None,
+    progress: Progress = _quiet,
+) -> TrainedParts:
+    """Raw training features [N, D, h, w] with category keys [N] -> statistics, U-Net, coreset.
+
+    ``state`` continues an interrupted training run; ``on_checkpoint`` saves one.
+    """
+    stats = FeatureStats.fit(raw)
+    normalized = stats.apply(torch.from_numpy(raw))
+    state = train_unet(
+        normalized, cfg.diffusion, cfg.seed, pick_device(device), state=state, on_checkpoint=on_checkpoint,
+        on_epoch=lambda e, loss: progress("train", e, cfg.diffusion.epochs),
+    )
+    state.unet.cpu().eval()
+    return TrainedParts(stats, state, build_bank(normalized, groups, cfg))
+
+
+@dataclass
+class Selection:
+    """What the pseudo-validation set decided: tau and K, the search table and the calibration."""
+
+    search: SearchResult
+    pseudo: PseudoValidation
+    calibration: Calibration
+
+
+def select_hyperparameters(
+    model: LafiteModel, extractor: FeatureExtractor, holdout: dict[str, list[np.ndarray]],
+    sources: dict[str, list[np.ndarray]], device: str | None = None, progress: Progress = _quiet,
+) -> Selection:
+    """Build the pseudo-validation set, search tau then K, calibrate the threshold; updates ``model``."""
+    cfg = model.config
+    images, labels, masks, cats = build_pseudo_validation(holdout, sources, cfg, cfg.seed)
+    pseudo = PseudoValidation(extract(extractor, images), labels, masks, cats,
+                              [cfg.seed * 1_000_003 + i for i in range(len(images))])
+    scorer = Scorer(model, device)
+    search = search_hyperparameters(pseudo_evaluator(scorer, pseudo, progress), cfg.search)
+    model.tau, model.k = search.tau, search.k
+    final = scorer.score(torch.from_numpy(pseudo.features), "lafite", pseudo.seeds)
+    calibration = calibrate(final.scores.numpy(), labels, cats, "lafite")
+    return Selection(search, pseudo, calibration)
+
+
+def backbone_card(extractor: FeatureExtractor) -> dict:
+    return {"name": extractor.info.name, "weights": extractor.info.weights_source,
+            "channels": list(extractor.info.channels)}
+
+
+def new_model(parts: TrainedParts, cfg: PipelineConfig, categories: Sequence[str], backbone: dict,
+              train_images: int) -> LafiteModel:
+    """A model from trained parts, with the config's tau and K until the search replaces them."""
+    return LafiteModel(
+        config=cfg, stats=parts.stats, unet=parts.state.unet, bank=parts.bank,
+        tau=cfg.scoring.tau, k=cfg.scoring.k, categories=tuple(sorted(categories)), backbone=backbone,
+        extra={"config_hash": config_hash(cfg), "train_images": train_images, "bank_size": int(parts.bank.shape[0])},
+    )
+
+
 def fit(
     categories: Sequence[Category],
     cfg: PipelineConfig,
@@ -191,17 +273,8 @@ def fit(
     """Train one model on the train/good images of all ``categories`` (the paper's unified setting)."""
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
-    empty = [c.key for c in categories if not c.train]
-    if empty:
-        raise ValueError(f"categories without train/good images: {empty}; add normal images or leave "
-                         f"them out with --categories")
+    fit_samples, holdout_samples = split_categories(categories, cfg)
     extractor = extractor or FeatureExtractor(cfg.backbone)
-    fit_samples: list[Sample] = []
-    holdout_samples: list[Sample] = []
-    for i, c in enumerate(categories):
-        keep, hold = split_holdout(c.train, cfg, cfg.seed + i)
-        fit_samples += keep
-        holdout_samples += hold
     loaded, failures = load_all(fit_samples + holdout_samples, cfg, storage_options, progress, "read train images")
     for f in failures:
         log.warning("skipping unreadable training image: %s", f.error)
@@ -213,30 +286,12 @@ def fit(
 
     raw = extract(extractor, [s.image for s in fit_loaded])
     timings["extract_train"] = time.perf_counter() - t0
-    stats = FeatureStats.fit(raw)
-    normalized = stats.apply(torch.from_numpy(raw))
-    groups = np.array([category_key(s.sample) for s in fit_loaded])
-
     t = time.perf_counter()
-    state: TrainState = train_unet(
-        normalized, cfg.diffusion, cfg.seed, pick_device(device),
-        on_epoch=lambda e, loss: progress("train", e, cfg.diffusion.epochs),
-    )
-    timings["train"] = time.perf_counter() - t
+    parts = train_parts(raw, np.array([category_key(s.sample) for s in fit_loaded]), cfg, device, progress=progress)
+    timings["train_and_coreset"] = time.perf_counter() - t
+    model = new_model(parts, cfg, [c.key for c in categories], backbone_card(extractor), len(fit_loaded))
 
-    t = time.perf_counter()
-    bank = build_bank(normalized, groups, cfg)
-    timings["coreset"] = time.perf_counter() - t
-    model = LafiteModel(
-        config=cfg, stats=stats, unet=state.unet.cpu().eval(), bank=bank,
-        tau=cfg.scoring.tau, k=cfg.scoring.k,
-        categories=tuple(sorted({c.key for c in categories})),
-        backbone={"name": extractor.info.name, "weights": extractor.info.weights_source,
-                  "channels": list(extractor.info.channels)},
-    )
-
-    search = None
-    pseudo = None
+    selection = None
     if cfg.search.enabled and hold_loaded:
         t = time.perf_counter()
         holdout: dict[str, list[np.ndarray]] = {}
@@ -245,17 +300,11 @@ def fit(
             holdout.setdefault(category_key(s.sample), []).append(s.image)
         for s in fit_loaded:
             sources.setdefault(category_key(s.sample), []).append(s.image)
-        images, labels, masks, cats = build_pseudo_validation(holdout, sources, cfg, cfg.seed)
-        pseudo = PseudoValidation(extract(extractor, images), labels, masks, cats,
-                                  [cfg.seed * 1_000_003 + i for i in range(len(images))])
-        scorer = Scorer(model, device)
-        search = search_hyperparameters(pseudo_evaluator(scorer, pseudo, progress), cfg.search)
-        model.tau, model.k = search.tau, search.k
+        selection = select_hyperparameters(model, extractor, holdout, sources, device, progress)
         timings["search"] = time.perf_counter() - t
     timings["fit_total"] = time.perf_counter() - t0
-    model.extra = {"config_hash": config_hash(cfg), "train_images": len(fit_loaded),
-                   "bank_size": int(bank.shape[0]), "timings": timings}
-    return FitResult(model, search, pseudo, state.losses, timings, failures)
+    model.extra["timings"] = timings
+    return FitResult(model, selection, parts.state.losses, timings, failures)
 
 
 # --------------------------------------------------------------------------- evaluation

@@ -21,3 +21,66 @@ def shared_data() -> Path:
     if not (SHARED_DATA / "mpdd" / "metal_plate" / "train" / "good").is_dir():
         pytest.skip(f"real data not found at {SHARED_DATA} (expected ../shared/data beside the project)")
     return SHARED_DATA
+
+
+TINY = {
+    "diffusion": {"base_channels": 16, "channel_mult": (1, 2), "epochs": 2, "batch_size": 8, "lr": 1e-3,
+                  "checkpoint_every": 1},
+    "search": {"taus": (50, 200), "ks": (1, 3)},
+    "scoring": {"ddim_steps": 2},
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_overrides() -> dict:
+    """Config updates that make a full training run take seconds (small U-Net, 2 epochs)."""
+    return TINY
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    """A temporary Prefect API for the whole session (flows need one; ~10 s to start)."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture(scope="session")
+def small_demo(tmp_path_factory):
+    """A small generated multi-class dataset (3 categories, 6 train / 2 good / 2+2 defect test each)."""
+    from lafite_core.demo_data import DemoSpec, generate_demo_dataset
+
+    root = tmp_path_factory.mktemp("demo")
+    spec = DemoSpec(train_per_category=6, test_good_per_category=2, test_defect_per_type=2)
+    return generate_demo_dataset(root, spec, seed=1)
+
+
+@pytest.fixture()
+def fresh_ray():
+    """Ray restarted so that its workers inherit the environment the test set up."""
+    import ray
+
+    ray.shutdown()
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def moto_s3():
+    """A moto S3 server on 127.0.0.1 with fake credentials in the environment; yields the endpoint."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{server._server.server_port}"
+    saved = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "LAFITE_S3_ENDPOINT")}
+    os.environ.update(AWS_ACCESS_KEY_ID="lafite-test-key", AWS_SECRET_ACCESS_KEY="lafite-test-secret",
+                      LAFITE_S3_ENDPOINT=endpoint)
+    yield endpoint
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    server.stop()

@@ -1,0 +1,44 @@
+"""Batch scoring of an image dump (folder or s3:// prefix) with the latest or a named model version."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from prefect import flow
+
+import tasks.runtime  # noqa: F401
+from flows.params import ScoreParams, new_run_id
+from lafite_core.data import list_images
+from lafite_core.storage import Store, storage_options_from_env
+from tasks.progress import run_logger
+from tasks.scoring import merge_scores_task, score_shards_task
+
+
+@dataclass(frozen=True)
+class ScoreOutcome:
+    run_id: str
+    model_version: str
+    table_url: str | None
+    listed: int
+    scored: int
+    skipped: int
+    errors: int
+
+
+@flow(name="batch_score", log_prints=True)
+def batch_score_flow(params: ScoreParams) -> ScoreOutcome:
+    """Score every image under ``source`` not yet scored by this model version; one table per run."""
+    log = run_logger()
+    run_id = params.run_id or new_run_id("score")
+    store = Store(params.store)
+    version = store.resolve_version(params.model_version)
+    urls = list_images(params.source, storage_options_from_env(params.source))
+    log.info("run %s: %d images under %s, model %s", run_id, len(urls), params.source, version)
+    reports = score_shards_task(params.store, version, run_id, urls, params.source.rstrip("/"), params.method,
+                                params.heatmaps, params.shard_size, params.ray_address)
+    table = merge_scores_task(params.store, version, run_id)
+    outcome = ScoreOutcome(run_id, version, table, len(urls), sum(r.scored for r in reports),
+                           sum(r.skipped for r in reports), sum(r.errors for r in reports))
+    log.info("scored %d, skipped %d already scored, %d errors; table: %s", outcome.scored, outcome.skipped,
+             outcome.errors, table or "(nothing new)")
+    return outcome

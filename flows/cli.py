@@ -1,0 +1,264 @@
+"""The ``lafite`` command: demo, train, evaluate, score, versions. Each runs the Prefect flows."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import tasks.runtime  # noqa: F401  (environment first)
+
+log = logging.getLogger("lafite")
+
+
+def _set_override(overrides: dict[str, Any], assignment: str) -> None:
+    """'diffusion.epochs=50' -> overrides['diffusion']['epochs'] = 50 (value parsed as JSON if it can be)."""
+    key, sep, raw = assignment.partition("=")
+    if not sep or "." not in key:
+        raise SystemExit(f"--set expects section.field=value (e.g. diffusion.epochs=50), got {assignment!r}")
+    section, field = key.split(".", 1)
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        value = raw
+    if isinstance(value, list):
+        value = tuple(value)
+    overrides.setdefault(section, {})[field] = value
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for a in args.set or []:
+        _set_override(out, a)
+    if getattr(args, "epochs", None):
+        out.setdefault("diffusion", {})["epochs"] = args.epochs
+    return out
+
+
+def _add_common(p: argparse.ArgumentParser, store_default: str | None = None) -> None:
+    p.add_argument("--store", default=store_default,
+                   help="artefact store: a folder or s3://bucket/prefix (default: $LAFITE_STORE or ./lafite-store)")
+    p.add_argument("--ray-address", default=None,
+                   help="address of an existing Ray cluster (default: start a local Ray on 127.0.0.1)")
+
+
+def _add_training(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--profile", choices=["cpu", "paper"], default="cpu",
+                   help="cpu: EfficientNet-Lite0 + small U-Net, minutes on a CPU; paper: the paper's settings, for a GPU")
+    p.add_argument("--categories", nargs="+", default=None,
+                   help="only these categories (name or dataset/category); default: all under the root")
+    p.add_argument("--epochs", type=int, default=None, help="override the profile's training epochs")
+    p.add_argument("--set", action="append", metavar="SECTION.FIELD=VALUE",
+                   help="override any config field, e.g. --set scoring.ddim_steps=10 (repeatable)")
+    p.add_argument("--device", default=None, help="training device (default: CUDA when present, else CPU)")
+
+
+def _store(args: argparse.Namespace) -> str:
+    from flows.params import default_store
+
+    return args.store or default_store()
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from flows.params import TrainParams
+    from flows.train import train_flow
+
+    out = train_flow(TrainParams(data_root=args.data_root, categories=args.categories, profile=args.profile,
+                                 overrides=_overrides(args), seed=args.seed, evaluate=not args.no_evaluate,
+                                 store=_store(args), ray_address=args.ray_address, device=args.device))
+    print(f"\nmodel version {out.model_version} (tau={out.tau}, K={out.k}, threshold {out.threshold:.4f})")
+    print(f"store: {out.store}")
+    if out.evaluation:
+        _print_rows(out.evaluation.rows)
+        print(f"metrics: {out.evaluation.metrics_url}")
+    return 0
+
+
+def _print_rows(rows: Sequence[dict]) -> None:
+    from lafite_core.tables import format_table
+
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    print("\nAUROC image / pixel and AUPRO, in %:")
+    print(format_table(rows, methods))
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from flows.evaluate import evaluate_flow
+    from flows.params import EvaluateParams, TrainParams
+    from flows.train import train_flow
+    from lafite_core.storage import Store
+    from lafite_core.tables import metrics_table, seed_summary
+
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    store = args.store or str(out_dir / "store")
+    started = time.perf_counter()
+    rows: list[dict] = []
+    versions = []
+    if args.model_version:
+        ev = evaluate_flow(EvaluateParams(data_root=args.data_root, categories=args.categories, store=store,
+                                          model_version=args.model_version, ray_address=args.ray_address))
+        rows += [{**r, "run_id": ev.run_id, "model_version": ev.model_version} for r in ev.rows]
+        versions.append(ev.model_version)
+    else:
+        for seed in args.seeds:
+            tr = train_flow(TrainParams(data_root=args.data_root, categories=args.categories, profile=args.profile,
+                                        overrides=_overrides(args), seed=seed, evaluate=True, store=store,
+                                        ray_address=args.ray_address, device=args.device))
+            assert tr.evaluation is not None
+            rows += [{**r, "run_id": tr.evaluation.run_id, "model_version": tr.model_version}
+                     for r in tr.evaluation.rows]
+            versions.append(tr.model_version)
+    elapsed = time.perf_counter() - started
+    for seed in sorted({r["seed"] for r in rows}):
+        print(f"\nseed {seed}:")
+        _print_rows([r for r in rows if r["seed"] == seed])
+    if len({r["seed"] for r in rows}) > 1:
+        print("\nmean +- std over seeds (image AUROC, pixel AUROC), in %:")
+        img = seed_summary(rows, "image_auroc")
+        pix = seed_summary(rows, "pixel_auroc")
+        for key, (m, s, n) in sorted(img.items()):
+            p = pix.get(key)
+            print(f"  {key[0]}/{key[1]:20s} {key[2]:15s} {100 * m:5.1f} +- {100 * s:4.1f}"
+                  + (f"   {100 * p[0]:5.1f} +- {100 * p[1]:4.1f}" if p else "") + f"   (n={n})")
+    table = metrics_table(rows)
+    Store(str(out_dir)).write_table(["metrics.parquet"], table, {"model_versions": json.dumps(versions)})
+    print(f"\nwrote {out_dir / 'metrics.parquet'} ({len(rows)} rows); store {store}; "
+          f"total time {elapsed / 60:.1f} min")
+    return 0
+
+
+def cmd_score(args: argparse.Namespace) -> int:
+    from flows.batch_score import batch_score_flow
+    from flows.params import ScoreParams
+
+    out = batch_score_flow(ScoreParams(source=args.source, store=_store(args), model_version=args.model_version,
+                                       shard_size=args.shard_size, heatmaps=args.heatmaps, method=args.method,
+                                       ray_address=args.ray_address))
+    print(f"\nmodel {out.model_version}: {out.listed} images, {out.scored} scored, {out.skipped} skipped "
+          f"(already scored), {out.errors} errors")
+    print(f"table: {out.table_url or '(nothing new to write)'}")
+    return 0
+
+
+def cmd_versions(args: argparse.Namespace) -> int:
+    from lafite_core.storage import Store
+
+    store = Store(_store(args))
+    versions = store.list_versions()
+    if not versions:
+        print(f"no complete model version in {store.root_url}")
+        return 1
+    for v in versions:
+        card = json.loads(store.read_bytes("models", v.version, "model_card.json"))
+        print(f"{v.version}  created {v.created}  config {v.config_hash}  tau={card['tau']} K={card['k']}  "
+              f"categories: {', '.join(card['categories'])}")
+    print(f"latest: {versions[-1].version}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from flows.batch_score import batch_score_flow
+    from flows.params import ScoreParams, TrainParams
+    from flows.train import train_flow
+    from lafite_core.demo_data import generate_demo_dataset
+
+    root = Path(args.dir).resolve()
+    started = time.perf_counter()
+    summary = generate_demo_dataset(root / "data")
+    print(f"demo data: {summary.num_train} train and {summary.num_test} test images in "
+          f"{len(summary.categories)} categories ({', '.join(summary.categories)}) at {root / 'data'}")
+    store = args.store or str(root / "store")
+    overrides = _overrides(args)
+    tr = train_flow(TrainParams(data_root=str(root / "data"), profile="cpu", overrides=overrides, store=store,
+                                ray_address=args.ray_address))
+    dump = _demo_dump(root / "data" / summary.dataset, root / "dump")
+    print(f"incoming dump to batch-score (the demo's test images, unlabelled): {dump}")
+    sc = batch_score_flow(ScoreParams(source=str(dump), store=store, heatmaps=True, ray_address=args.ray_address))
+    assert tr.evaluation is not None
+    _print_rows(tr.evaluation.rows)
+    print(f"\nmodel version: {tr.model_version} in {store}/models (tau={tr.tau}, K={tr.k})")
+    print(f"metrics:       {tr.evaluation.metrics_url}")
+    print(f"summary:       {tr.evaluation.summary_url}")
+    print(f"batch scores:  {sc.table_url} ({sc.scored} images scored, {sc.errors} errors)")
+    print(f"heat maps:     {store}/heatmaps/{tr.model_version}/{sc.run_id}/")
+    print(f"features:      {store}/features/")
+    print(f"done in {(time.perf_counter() - started) / 60:.1f} min")
+    return 0
+
+
+def _demo_dump(dataset: Path, dump: Path) -> Path:
+    """Copy the demo's test images into a flat, unlabelled dump (as a line camera would deliver them)."""
+    import shutil
+
+    for img in sorted(dataset.glob("*/test/*/*.png")):
+        category, kind = img.parts[-4], img.parts[-2]
+        target = dump / category / f"{kind}_{img.name}"
+        if not target.exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(img, target)
+    return dump
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="lafite", description="LafitE multi-class visual anomaly detection pipeline.")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    d = sub.add_parser("demo", help="generate a small multi-class dataset, train, evaluate and batch-score it")
+    d.add_argument("--dir", default="lafite-demo", help="working folder for the demo data and store")
+    d.add_argument("--store", default=None, help="artefact store (default: DIR/store)")
+    d.add_argument("--epochs", type=int, default=None, help="override the training epochs")
+    d.add_argument("--set", action="append", metavar="SECTION.FIELD=VALUE", help="override a config field")
+    d.add_argument("--ray-address", default=None, help="existing Ray cluster (default: local)")
+    d.set_defaults(fn=cmd_demo)
+
+    t = sub.add_parser("train", help="train and publish a model version (the nightly job)")
+    t.add_argument("--data-root", required=True, help="MVTec-layout root: folder or s3:// prefix")
+    _add_training(t)
+    t.add_argument("--seed", type=int, default=0, help="seed for initialisation, sampling and noise")
+    t.add_argument("--no-evaluate", action="store_true", help="skip the evaluation on labelled test sets")
+    _add_common(t)
+    t.set_defaults(fn=cmd_train)
+
+    e = sub.add_parser("evaluate", help="train per seed on ROOT, evaluate, write OUT/metrics.parquet")
+    e.add_argument("--data-root", required=True, help="MVTec-layout root holding one dataset or several")
+    e.add_argument("--out", required=True, help="output folder (metrics.parquet; the store defaults to OUT/store)")
+    _add_training(e)
+    e.add_argument("--seeds", type=int, nargs="+", default=[0], help="one model per seed; mean +- std reported")
+    e.add_argument("--model-version", default=None, help="evaluate this stored version instead of training")
+    _add_common(e)
+    e.set_defaults(fn=cmd_evaluate)
+
+    s = sub.add_parser("score", help="batch-score every image under SOURCE (folder or s3:// prefix)")
+    s.add_argument("source", help="folder or s3:// prefix; png, jpg, bmp, tiff, searched recursively")
+    s.add_argument("--model-version", default=None, help="default: the latest complete version")
+    s.add_argument("--heatmaps", action="store_true", help="also write heat-map overlays as PNG")
+    s.add_argument("--shard-size", type=int, default=64, help="images per Ray task")
+    s.add_argument("--method", choices=["lafite", "lafite_no_edit", "patchcore"], default="lafite",
+                   help="scoring method (decisions are calibrated for lafite)")
+    _add_common(s)
+    s.set_defaults(fn=cmd_score)
+
+    v = sub.add_parser("versions", help="list the complete model versions in the store")
+    _add_common(v)
+    v.set_defaults(fn=cmd_versions)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("httpx", "httpcore"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    return int(args.fn(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

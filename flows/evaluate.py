@@ -1,0 +1,41 @@
+"""Evaluation of a model version on labelled test sets, fanned out across categories with Ray."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from prefect import flow
+
+import tasks.runtime  # noqa: F401
+from flows.params import EvaluateParams, new_run_id
+from lafite_core.storage import Store
+from tasks.evaluation import evaluate_categories_task, write_metrics_task
+from tasks.features import discover_task
+from tasks.progress import run_logger
+
+
+@dataclass(frozen=True)
+class EvaluateOutcome:
+    run_id: str
+    model_version: str
+    metrics_url: str
+    summary_url: str
+    rows: list[dict]
+
+
+@flow(name="evaluate", log_prints=True)
+def evaluate_flow(params: EvaluateParams) -> EvaluateOutcome:
+    """Score every labelled test image with each method and write per-category and summary tables."""
+    log = run_logger()
+    run_id = params.run_id or new_run_id("evaluate")
+    store = Store(params.store)
+    version = store.resolve_version(params.model_version)
+    categories = [c for c in discover_task(params.data_root, params.categories) if c.test]
+    if not categories:
+        raise ValueError(f"no category under {params.data_root} has test images to evaluate on")
+    log.info("evaluating model %s on %d categories", version, len(categories))
+    rows = evaluate_categories_task(params.store, version, categories, list(params.methods), params.seed,
+                                    params.data_root, params.ray_address)
+    config_json = store.read_bytes("models", version, "config.json").decode()
+    urls = write_metrics_task(params.store, run_id, version, rows, config_json)
+    return EvaluateOutcome(run_id, version, urls["metrics"], urls["summary"], rows)

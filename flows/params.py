@@ -1,0 +1,62 @@
+"""Flow parameters: one pydantic model per flow, shown as the deployment's parameter schema."""
+
+from __future__ import annotations
+
+import os
+from datetime import datetime, timezone
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from lafite_core.config import PipelineConfig, load_profile
+from lafite_core.scoring import METHODS
+
+
+def default_store() -> str:
+    """LAFITE_STORE, else ./lafite-store (a local folder)."""
+    return os.environ.get("LAFITE_STORE", os.path.abspath("lafite-store"))
+
+
+def new_run_id(prefix: str) -> str:
+    return f"{prefix}-{datetime.now(timezone.utc).strftime('%Y%m%dT%H%M%S%f')}-{os.getpid()}"
+
+
+class _Params(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    store: str = Field(default_factory=default_store, description="artefact store: folder or s3://bucket/prefix")
+    ray_address: str | None = Field(None, description="existing Ray cluster; default starts a local one")
+    run_id: str | None = Field(None, description="defaults to a fresh timestamped id")
+
+
+class TrainParams(_Params):
+    data_root: str = Field(..., description="MVTec-layout root: folder or s3:// prefix")
+    categories: list[str] | None = Field(None, description="category names (or dataset/category); default all")
+    profile: Literal["cpu", "paper"] = "cpu"
+    overrides: dict[str, Any] = Field(
+        default_factory=dict, description='nested config updates, e.g. {"diffusion": {"epochs": 50}}'
+    )
+    seed: int = 0
+    evaluate: bool = Field(True, description="evaluate on the labelled test sets after training")
+    device: str | None = Field(None, description="training device; default CUDA when present")
+
+    def config(self) -> PipelineConfig:
+        cfg = load_profile(self.profile)
+        updates = {**self.overrides, "seed": self.seed}
+        return cfg.with_updates(**updates)
+
+
+class EvaluateParams(_Params):
+    data_root: str
+    categories: list[str] | None = None
+    model_version: str | None = Field(None, description="default: the latest complete version")
+    methods: list[Literal["lafite", "lafite_no_edit", "patchcore"]] = Field(default_factory=lambda: list(METHODS))
+    seed: int | None = Field(None, description="recorded seed; defaults to the model's")
+
+
+class ScoreParams(_Params):
+    source: str = Field(..., description="folder or s3:// prefix of images (png, jpg, bmp, tiff)")
+    model_version: str | None = None
+    shard_size: int = Field(64, ge=1, description="images per Ray task")
+    heatmaps: bool = Field(False, description="write heat-map overlays as PNG")
+    method: Literal["lafite", "lafite_no_edit", "patchcore"] = "lafite"

@@ -1,0 +1,59 @@
+"""Nightly retraining: features into Zarr, DDIM training, coreset, search, calibration, publication."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from prefect import flow
+
+import tasks.runtime  # noqa: F401
+from flows.evaluate import EvaluateOutcome, evaluate_flow
+from flows.params import EvaluateParams, TrainParams, new_run_id
+from lafite_core.config import config_hash
+from lafite_core.pipeline import split_categories
+from tasks.features import discover_task, extract_features_task
+from tasks.model import publish_task, select_task
+from tasks.progress import run_logger
+from tasks.training import train_task
+
+
+@dataclass(frozen=True)
+class TrainOutcome:
+    run_id: str
+    model_version: str
+    store: str
+    tau: int
+    k: int
+    threshold: float
+    evaluation: EvaluateOutcome | None
+
+
+@flow(name="train", log_prints=True)
+def train_flow(params: TrainParams) -> TrainOutcome:
+    """Train one unified model on every category's train/good images and publish it as a version."""
+    log = run_logger()
+    cfg = params.config()
+    run_id = params.run_id or new_run_id("train")
+    log.info("run %s: profile %s, config %s, store %s", run_id, params.profile, config_hash(cfg), params.store)
+    categories = discover_task(params.data_root, params.categories)
+    fit_samples, holdout = split_categories(categories, cfg)
+    extraction = extract_features_task(params.store, cfg.to_json(), fit_samples + holdout, params.data_root)
+    if extraction.readable == 0:
+        raise ValueError("no training image could be read; see the warnings above")
+    trained = train_task(params.store, cfg.to_json(), fit_samples, run_id, [c.key for c in categories],
+                         extraction.backbone, params.device, params.ray_address)
+    selection = select_task(params.store, run_id, holdout, fit_samples, params.data_root)
+    version = publish_task(params.store, run_id, {
+        "trained_epochs": trained.epochs, "final_loss": trained.final_loss, "device": trained.device,
+        "train_images": trained.train_images,
+        "unreadable_train_images": [u for u, _ in extraction.report.failures],
+    })
+    evaluation = None
+    labelled = [c for c in categories if c.test]
+    if params.evaluate and labelled:
+        evaluation = evaluate_flow(EvaluateParams(
+            data_root=params.data_root, categories=params.categories, model_version=version.version,
+            store=params.store, ray_address=params.ray_address, run_id=f"{run_id}-eval", seed=params.seed,
+        ))
+    return TrainOutcome(run_id, version.version, params.store, selection.tau, selection.k, selection.threshold,
+                        evaluation)

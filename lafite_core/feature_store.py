@@ -1,0 +1,180 @@
+"""Aggregated features in Zarr v3: one group per dataset and category, one chunk per image.
+
+Group ``features/<feature_key>/<dataset>/<category>`` holds the array ``features`` [N, D, h, w]
+(float32, chunk (1, D, h, w)) and attributes ``config_hash``, ``feature_key``, ``backbone``,
+``feature_shape`` and ``image_ids`` (a list of {id, url, content_hash, row}).
+
+Appending writes the new rows first and the ``image_ids`` attribute last: rows that no entry points
+to (left by a crash between the two) are invisible and overwritten by the next append.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+import zarr
+
+from lafite_core.backbone import FeatureExtractor
+from lafite_core.config import PipelineConfig, config_hash
+from lafite_core.data import Sample
+from lafite_core.features import LoadFailure, extract, load_many
+from lafite_core.storage import Store
+
+ARRAY = "features"
+
+
+def feature_key(cfg: PipelineConfig) -> str:
+    """Hash of everything that determines raw features: backbone settings and input size."""
+    b = cfg.backbone
+    payload = {"backbone": b.model_dump(mode="json"), "image_size": cfg.data.image_size}
+    return "f" + hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
+
+
+@dataclass(frozen=True)
+class FeatureEntry:
+    id: str
+    url: str
+    content_hash: str
+    row: int = -1
+
+
+class FeatureStore:
+    """Read and append per-image features for one feature configuration."""
+
+    def __init__(self, store: Store, cfg: PipelineConfig, backbone: dict | None = None) -> None:
+        self.store = store
+        self.cfg = cfg
+        self.key = feature_key(cfg)
+        self.backbone = backbone or {"name": cfg.backbone.name}
+
+    def _url(self, dataset: str, category: str) -> str:
+        return self.store.url("features", self.key, dataset, category)
+
+    def _open(self, dataset: str, category: str, mode: str) -> zarr.Group:
+        url = self._url(dataset, category)
+        if self.store.local:
+            return zarr.open_group(url, mode=mode)
+        return zarr.open_group(url, mode=mode, storage_options=self.store.storage_options)
+
+    def entries(self, dataset: str, category: str) -> dict[str, FeatureEntry]:
+        """Committed entries by image id (empty when the group does not exist yet)."""
+        try:
+            g = self._open(dataset, category, "r")
+        except (FileNotFoundError, zarr.errors.GroupNotFoundError):
+            return {}
+        return {e["id"]: FeatureEntry(**e) for e in g.attrs.get("image_ids", [])}
+
+    def missing(self, dataset: str, category: str, candidates: Sequence[FeatureEntry]) -> list[FeatureEntry]:
+        """The candidates whose id is absent or whose content changed (different hash)."""
+        have = self.entries(dataset, category)
+        return [c for c in candidates if c.id not in have or have[c.id].content_hash != c.content_hash]
+
+    def append(self, dataset: str, category: str, new: Sequence[FeatureEntry], features: np.ndarray) -> None:
+        """Add rows for ``new`` ([B, D, h, w] features); an id already present is repointed."""
+        if len(new) != features.shape[0]:
+            raise ValueError(f"{len(new)} entries for {features.shape[0]} feature rows")
+        if not len(new):
+            return
+        g = self._open(dataset, category, "a")
+        shape = tuple(int(s) for s in features.shape[1:])
+        if ARRAY not in g:
+            arr = g.create_array(ARRAY, shape=(0, *shape), chunks=(1, *shape), dtype="float32")
+        else:
+            arr = g[ARRAY]
+            if tuple(arr.shape[1:]) != shape:
+                raise ValueError(f"{self._url(dataset, category)} holds features of shape {arr.shape[1:]}, "
+                                 f"new ones have {shape}")
+        current = [FeatureEntry(**e) for e in g.attrs.get("image_ids", [])]
+        start = max((e.row for e in current), default=-1) + 1
+        arr.resize((start + len(new), *shape))
+        arr[start : start + len(new)] = features.astype(np.float32)
+        by_id = {e.id: e for e in current}
+        for i, e in enumerate(new):
+            by_id[e.id] = FeatureEntry(e.id, e.url, e.content_hash, start + i)
+        g.attrs.update(
+            {
+                "config_hash": config_hash(self.cfg),
+                "feature_key": self.key,
+                "backbone": self.backbone,
+                "feature_shape": list(shape),
+                "image_ids": [vars(e) for e in by_id.values()],
+            }
+        )
+
+    def read(self, dataset: str, category: str, ids: Sequence[str] | None = None) -> tuple[np.ndarray, list[FeatureEntry]]:
+        """Features [N, D, h, w] for ``ids`` (all committed entries when None), in the given order."""
+        g = self._open(dataset, category, "r")
+        by_id = {e["id"]: FeatureEntry(**e) for e in g.attrs.get("image_ids", [])}
+        if ids is None:
+            chosen = sorted(by_id.values(), key=lambda e: e.row)
+        else:
+            absent = [i for i in ids if i not in by_id]
+            if absent:
+                raise KeyError(f"{self._url(dataset, category)} has no features for {absent[:3]}")
+            chosen = [by_id[i] for i in ids]
+        arr = g[ARRAY]
+        rows = np.array([e.row for e in chosen], dtype=np.int64)
+        if rows.size == 0:
+            return np.zeros((0, *arr.shape[1:]), np.float32), []
+        data = arr.get_orthogonal_selection((rows,)) if rows.size < arr.shape[0] else arr[:][rows]
+        return np.asarray(data, dtype=np.float32), chosen
+
+
+@dataclass(frozen=True)
+class ExtractionReport:
+    total: int
+    extracted: int
+    reused: int
+    failures: tuple[tuple[str, str], ...]  # (url, error)
+
+
+def extract_into(
+    fstore: FeatureStore,
+    samples: Sequence[Sample],
+    extractor: FeatureExtractor,
+    storage_options: dict | None = None,
+    batch_size: int = 32,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> ExtractionReport:
+    """Extract features of ``samples`` into the store, computing only what is missing or changed.
+
+    Each batch is committed as it is written, so an interrupted run resumes where it stopped.
+    """
+    cfg = fstore.cfg
+    by_cat: dict[tuple[str, str], list[Sample]] = {}
+    for s in samples:
+        by_cat.setdefault((s.dataset, s.category), []).append(s)
+    extracted = reused = done = 0
+    failures: list[tuple[str, str]] = []
+    for (ds, cat), group in by_cat.items():
+        have = fstore.entries(ds, cat)
+        pending: list[tuple[FeatureEntry, np.ndarray]] = []
+
+        def flush() -> None:
+            if pending:
+                feats = extract(extractor, [img for _, img in pending], batch_size)
+                fstore.append(ds, cat, [e for e, _ in pending], feats)
+                pending.clear()
+
+        for item in load_many(group, cfg.data.image_size, cfg.data.max_image_pixels, storage_options):
+            done += 1
+            if isinstance(item, LoadFailure):
+                failures.append((item.sample.url, item.error))
+                continue
+            entry = FeatureEntry(item.sample.image_id, item.sample.url, item.content_hash)
+            old = have.get(entry.id)
+            if old is not None and old.content_hash == entry.content_hash:
+                reused += 1
+            else:
+                pending.append((entry, item.image))
+                extracted += 1
+                if len(pending) >= batch_size:
+                    flush()
+            if progress:
+                progress("extract features", done, len(samples))
+        flush()
+    return ExtractionReport(len(samples), extracted, reused, tuple(failures))

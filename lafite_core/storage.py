@@ -1,0 +1,264 @@
+"""The artefact store: one root URL (local folder or ``s3://bucket/prefix``) for everything.
+
+Layout under the root::
+
+    features/<feature_key>/<dataset>/<category>/   Zarr v3 group, array "features" [N, D, h, w]
+                                                  chunked per image; attrs: config_hash,
+                                                  feature_key, backbone, feature_shape, image_ids
+    checkpoints/<run_key>/train_state.pt          resumable U-Net training state
+    models/<version>/...                          unet.pt, stats.npz, bank.npy, model.json,
+                                                  search.parquet, calibration.json, config.json,
+                                                  MANIFEST.json (written last: the version exists
+                                                  only once its manifest does)
+    tables/metrics/<run_id>.parquet               per-category metrics of a run
+    tables/summary/<run_id>.parquet               means and inter-category std of a run
+    tables/scores/<model_version>/<run_id>.parquet    batch-scoring results of a run
+    tables/scores/<model_version>/parts/<run_id>/     per-shard results while a run is going
+    heatmaps/<model_version>/<run_id>/...png      optional heat-map overlays
+
+Every file is written whole or not at all (temporary file and rename locally, a single PUT on
+object storage), and every path component is checked so that names from data (categories, image
+keys) cannot lead outside the root.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+import posixpath
+import re
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any, Iterable
+
+import fsspec
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from fsspec.core import url_to_fs
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "MANIFEST.json"
+_BAD_PART = re.compile(r"[\x00-\x1f\x7f/\\]")
+
+
+class StoreError(RuntimeError):
+    """The store could not be read or written; the message says what and where."""
+
+
+class IntegrityError(StoreError):
+    """A model version is incomplete or its files do not match their recorded checksums."""
+
+
+def safe_part(part: str) -> str:
+    """A single path component that cannot climb out of its folder; raises ValueError otherwise."""
+    if not isinstance(part, str) or part in ("", ".", "..") or _BAD_PART.search(part) or part.strip() != part:
+        raise ValueError(f"unsafe name for a store path component: {part!r}")
+    return part
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def storage_options_from_env(url: str) -> dict[str, Any]:
+    """fsspec options for ``url`` from the environment (credentials never come from code).
+
+    For s3:// URLs: ``AWS_ENDPOINT_URL`` / ``LAFITE_S3_ENDPOINT`` sets the endpoint; keys come from
+    the standard AWS variables, read by botocore itself.
+    """
+    if not url.startswith(("s3://", "s3a://")):
+        return {}
+    endpoint = os.environ.get("LAFITE_S3_ENDPOINT") or os.environ.get("AWS_ENDPOINT_URL")
+    opts: dict[str, Any] = {}
+    if endpoint:
+        opts["endpoint_url"] = endpoint
+    return opts
+
+
+@dataclass(frozen=True)
+class ModelVersion:
+    version: str
+    created: str
+    config_hash: str
+
+
+class Store:
+    """Artefact store rooted at a local path or fsspec URL."""
+
+    def __init__(self, root: str, storage_options: dict | None = None) -> None:
+        self.root_url = root.rstrip("/") or root
+        self.storage_options = storage_options if storage_options is not None else storage_options_from_env(root)
+        try:
+            self.fs, self.root = url_to_fs(self.root_url, **self.storage_options)
+        except Exception as exc:
+            raise StoreError(f"cannot open store {root!r}: {exc}") from exc
+        self.root = self.root.rstrip("/")
+        self.local = _protocol(self.fs) == "file"
+        if self.local:
+            os.makedirs(self.root, exist_ok=True)
+
+    # ------------------------------------------------------------------ paths
+
+    def path(self, *parts: str) -> str:
+        """Absolute fs path of ``parts`` under the root; every part is checked with ``safe_part``."""
+        return posixpath.join(self.root, *(safe_part(p) for p in parts))
+
+    def url(self, *parts: str) -> str:
+        p = self.path(*parts)
+        return p if self.local else self.fs.unstrip_protocol(p)
+
+    # ------------------------------------------------------------------ bytes
+
+    def write_bytes(self, parts: Iterable[str], data: bytes) -> str:
+        """Write ``data`` whole (temporary file + rename locally, one PUT remotely); returns the path."""
+        path = self.path(*parts)
+        try:
+            if self.local:
+                os.makedirs(posixpath.dirname(path), exist_ok=True)
+                tmp = f"{path}.{uuid.uuid4().hex}.partial"
+                with open(tmp, "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, path)
+            else:
+                self.fs.pipe_file(path, data)
+        except OSError as exc:
+            raise StoreError(f"cannot write {self.url(*parts)}: {exc}") from exc
+        return path
+
+    def read_bytes(self, *parts: str) -> bytes:
+        try:
+            return self.fs.cat_file(self.path(*parts))
+        except FileNotFoundError:
+            raise
+        except OSError as exc:
+            raise StoreError(f"cannot read {self.url(*parts)}: {exc}") from exc
+
+    def exists(self, *parts: str) -> bool:
+        return self.fs.exists(self.path(*parts))
+
+    def listdir(self, *parts: str) -> list[str]:
+        """Names directly under ``parts`` (files and folders); empty when the folder is absent."""
+        try:
+            entries = self.fs.ls(self.path(*parts), detail=False)
+        except FileNotFoundError:
+            return []
+        return sorted(posixpath.basename(e.rstrip("/")) for e in entries)
+
+    def write_json(self, parts: Iterable[str], obj: Any) -> str:
+        return self.write_bytes(parts, json.dumps(obj, indent=2, sort_keys=True).encode())
+
+    def read_json(self, *parts: str) -> Any:
+        return json.loads(self.read_bytes(*parts))
+
+    # ------------------------------------------------------------------ tables
+
+    def write_table(self, parts: Iterable[str], table: pa.Table, metadata: dict[str, str] | None = None) -> str:
+        """Parquet, written whole; ``metadata`` goes into the schema metadata (config JSON, hash)."""
+        if metadata:
+            merged = {**(table.schema.metadata or {}), **{k.encode(): v.encode() for k, v in metadata.items()}}
+            table = table.replace_schema_metadata(merged)
+        buf = io.BytesIO()
+        pq.write_table(table, buf)
+        return self.write_bytes(parts, buf.getvalue())
+
+    def read_table(self, *parts: str) -> pa.Table:
+        return pq.read_table(io.BytesIO(self.read_bytes(*parts)))
+
+    # ------------------------------------------------------------------ model versions
+
+    def publish_model(self, files: dict[str, bytes], config_hash: str, version: str | None = None) -> ModelVersion:
+        """Write a model version's files, then its manifest (sha256 and size of each file) last."""
+        created = datetime.now(timezone.utc)
+        version = version or f"v{created.strftime('%Y%m%dT%H%M%S%f')}-{config_hash[:8]}"
+        safe_part(version)
+        if self.exists("models", version, MANIFEST):
+            raise StoreError(f"model version {version} already exists")
+        for name, data in files.items():
+            self.write_bytes(["models", version, safe_part(name)], data)
+        manifest = {
+            "version": version,
+            "created": created.isoformat(),
+            "config_hash": config_hash,
+            "files": {name: {"sha256": sha256(data), "bytes": len(data)} for name, data in sorted(files.items())},
+        }
+        self.write_json(["models", version, MANIFEST], manifest)
+        log.info("published model version %s at %s", version, self.url("models", version))
+        return ModelVersion(version, manifest["created"], config_hash)
+
+    def list_versions(self) -> list[ModelVersion]:
+        """Complete versions (those with a manifest), oldest first."""
+        out = []
+        for name in self.listdir("models"):
+            try:
+                m = self.read_json("models", name, MANIFEST)
+            except FileNotFoundError:
+                continue
+            out.append(ModelVersion(m["version"], m["created"], m["config_hash"]))
+        return sorted(out, key=lambda v: (v.created, v.version))
+
+    def resolve_version(self, version: str | None = None) -> str:
+        """``version`` if complete, else the latest complete version; raises when there is none."""
+        if version:
+            if not self.exists("models", version, MANIFEST):
+                raise IntegrityError(f"model version {version!r} is not a complete version in {self.root_url}")
+            return version
+        versions = self.list_versions()
+        if not versions:
+            raise StoreError(f"no complete model version in {self.root_url}/models; run `lafite train` first")
+        return versions[-1].version
+
+    def load_model_files(self, version: str) -> dict[str, bytes]:
+        """All files of a version, each checked against the manifest; refuses partial or altered ones."""
+        try:
+            manifest = self.read_json("models", version, MANIFEST)
+        except FileNotFoundError:
+            raise IntegrityError(f"model version {version!r} has no manifest: it is incomplete") from None
+        files: dict[str, bytes] = {}
+        for name, meta in manifest["files"].items():
+            try:
+                data = self.read_bytes("models", version, name)
+            except FileNotFoundError:
+                raise IntegrityError(f"model version {version}: file {name} is missing") from None
+            if len(data) != meta["bytes"] or sha256(data) != meta["sha256"]:
+                raise IntegrityError(f"model version {version}: file {name} does not match its checksum")
+            files[name] = data
+        return files
+
+
+def _protocol(fs: fsspec.AbstractFileSystem) -> str:
+    p = fs.protocol
+    return p[0] if isinstance(p, (tuple, list)) else p
+
+
+def retrying(fn, *args, attempts: int = 5, base_delay: float = 0.5, what: str = "storage call", **kwargs):
+    """Call ``fn`` and retry OSErrors with exponential backoff; the last error is re-raised."""
+    for i in range(attempts):
+        try:
+            return fn(*args, **kwargs)
+        except (OSError, StoreError) as exc:
+            if isinstance(exc, (FileNotFoundError, IntegrityError)) or i == attempts - 1:
+                raise
+            delay = base_delay * 2**i
+            log.warning("%s failed (%s); retrying in %.1f s (%d/%d)", what, exc, delay, i + 1, attempts)
+            time.sleep(delay)
+    raise AssertionError("unreachable")
+
+
+def to_numpy_json(obj: Any) -> Any:
+    """Convert numpy scalars inside ``obj`` for JSON."""
+    if isinstance(obj, dict):
+        return {k: to_numpy_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_numpy_json(v) for v in obj]
+    if isinstance(obj, np.generic):
+        return obj.item()
+    return obj

@@ -1,0 +1,1 @@
+"""Thin Prefect tasks over lafite_core functions: resolve references, call core, write, return refs."""

