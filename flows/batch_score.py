@@ -36,7 +36,7 @@ def batch_score_flow(params: ScoreParams) -> ScoreOutcome:
     log.info("run %s: %d images under %s, model %s", run_id, len(urls), params.source, version)
     reports = score_shards_task(params.store, version, run_id, urls, params.source.rstrip("/"), params.method,
                                 params.heatmaps, params.shard_size, params.ray_address)
-    table = merge_scores_task(params.store, version, run_id)
+    table = merge_scores_task(params.store, version, run_id, params.stale_after_s)
     outcome = ScoreOutcome(run_id, version, table, len(urls), sum(r.scored for r in reports),
                            sum(r.skipped for r in reports), sum(r.errors for r in reports))
     log.info("scored %d, skipped %d already scored, %d errors; table: %s", outcome.scored, outcome.skipped,

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 import time
 from pathlib import Path
@@ -106,14 +105,23 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         rows += [{**r, "run_id": ev.run_id, "model_version": ev.model_version} for r in ev.rows]
         versions.append(ev.model_version)
     else:
+        # unified (the paper, default): one model for all categories; --per-category: one model per
+        # category, each in its own store under STORE/per-category/<dataset>/<category>
+        groups: list[tuple[list[str] | None, str]] = [(args.categories, store)]
+        if args.per_category:
+            from lafite_core.data import discover
+
+            cats = discover(args.data_root, args.categories)
+            groups = [([c.key], f"{store}/per-category/{c.dataset}/{c.name}") for c in cats]
         for seed in args.seeds:
-            tr = train_flow(TrainParams(data_root=args.data_root, categories=args.categories, profile=args.profile,
-                                        overrides=_overrides(args), seed=seed, evaluate=True, store=store,
-                                        ray_address=args.ray_address, device=args.device))
-            assert tr.evaluation is not None
-            rows += [{**r, "run_id": tr.evaluation.run_id, "model_version": tr.model_version}
-                     for r in tr.evaluation.rows]
-            versions.append(tr.model_version)
+            for categories, group_store in groups:
+                tr = train_flow(TrainParams(data_root=args.data_root, categories=categories, profile=args.profile,
+                                            overrides=_overrides(args), seed=seed, evaluate=True, store=group_store,
+                                            ray_address=args.ray_address, device=args.device))
+                assert tr.evaluation is not None
+                rows += [{**r, "run_id": tr.evaluation.run_id, "model_version": tr.model_version}
+                         for r in tr.evaluation.rows]
+                versions.append(tr.model_version)
     elapsed = time.perf_counter() - started
     for seed in sorted({r["seed"] for r in rows}):
         print(f"\nseed {seed}:")
@@ -232,6 +240,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_training(e)
     e.add_argument("--seeds", type=int, nargs="+", default=[0], help="one model per seed; mean +- std reported")
     e.add_argument("--model-version", default=None, help="evaluate this stored version instead of training")
+    e.add_argument("--per-category", action="store_true",
+                   help="train one model per category instead of one unified model (the paper's setting)")
     _add_common(e)
     e.set_defaults(fn=cmd_evaluate)
 

@@ -60,3 +60,6 @@ class ScoreParams(_Params):
     shard_size: int = Field(64, ge=1, description="images per Ray task")
     heatmaps: bool = Field(False, description="write heat-map overlays as PNG")
     method: Literal["lafite", "lafite_no_edit", "patchcore"] = "lafite"
+    stale_after_s: float = Field(
+        900.0, ge=0, description="parts of a run silent this long are from a crashed run and are adopted"
+    )

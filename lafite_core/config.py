@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Literal
-
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
@@ -140,9 +138,6 @@ class PipelineConfig(_Frozen):
     scoring: ScoringConfig = ScoringConfig()
     synthesis: SynthesisConfig = SynthesisConfig()
     search: SearchConfig = SearchConfig()
-    model_scope: Literal["unified", "per_category"] = Field(
-        "unified", description="one model for all categories (the paper) or one per category"
-    )
     seed: int = 0
 
     @model_validator(mode="after")

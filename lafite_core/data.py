@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import posixpath
 from dataclasses import dataclass, field
 from typing import Literal
@@ -94,34 +95,38 @@ def _dirs(fs: fsspec.AbstractFileSystem, path: str) -> list[str]:
     return sorted(e["name"].rstrip("/") for e in entries if e["type"] == "directory")
 
 
-def _images(fs: fsspec.AbstractFileSystem, path: str) -> list[str]:
+def _images(fs: fsspec.AbstractFileSystem, path: str, root: str | None = None) -> list[str]:
+    """Image files directly in ``path``; local links resolving outside ``root`` are refused (logged)."""
     try:
         entries = fs.ls(path, detail=True)
     except FileNotFoundError:
         return []
-    return sorted(
-        e["name"] for e in entries
-        if e["type"] == "file" and e["name"].lower().endswith(IMAGE_EXTENSIONS)
-    )
+    found = sorted(e["name"] for e in entries if e["type"] == "file" and e["name"].lower().endswith(IMAGE_EXTENSIONS))
+    if root is not None and _protocol(fs) == "file":
+        outside = [p for p in found if outside_root(p, root)]
+        for p in outside:
+            log.warning("refusing %s: it links outside the data root %s", p, root)
+        found = [p for p in found if p not in outside]
+    return found
 
 
 def _is_category(fs: fsspec.AbstractFileSystem, path: str) -> bool:
     return fs.isdir(_join(fs, path, "train")) or fs.isdir(_join(fs, path, "test"))
 
 
-def _read_category(fs: fsspec.AbstractFileSystem, path: str, dataset: str) -> Category:
+def _read_category(fs: fsspec.AbstractFileSystem, path: str, dataset: str, root: str) -> Category:
     name = posixpath.basename(path.rstrip("/"))
     train = tuple(
         Sample(_url(fs, p), dataset, name, "train", "good")
-        for p in _images(fs, _join(fs, path, "train", "good"))
+        for p in _images(fs, _join(fs, path, "train", "good"), root)
     )
     test: list[Sample] = []
     missing: list[str] = []
     for type_dir in _dirs(fs, _join(fs, path, "test")):
         defect = posixpath.basename(type_dir)
         gt_dir = _join(fs, path, "ground_truth", defect)
-        masks = {posixpath.basename(m): m for m in _images(fs, gt_dir)} if defect != "good" else {}
-        for p in _images(fs, type_dir):
+        masks = {posixpath.basename(m): m for m in _images(fs, gt_dir, root)} if defect != "good" else {}
+        for p in _images(fs, type_dir, root):
             stem = posixpath.splitext(posixpath.basename(p))[0]
             mask = masks.get(f"{stem}_mask.png")
             if defect != "good" and mask is None:
@@ -147,16 +152,16 @@ def discover(
     found: list[Category] = []
     if _is_category(fs, path):
         parent = posixpath.basename(posixpath.dirname(path)) or "data"
-        found.append(_read_category(fs, path, parent))
+        found.append(_read_category(fs, path, parent, path))
     else:
         root_name = posixpath.basename(path) or "data"
         for child in _dirs(fs, path):
             if _is_category(fs, child):
-                found.append(_read_category(fs, child, root_name))
+                found.append(_read_category(fs, child, root_name, path))
             else:
                 for grandchild in _dirs(fs, child):
                     if _is_category(fs, grandchild):
-                        found.append(_read_category(fs, grandchild, posixpath.basename(child)))
+                        found.append(_read_category(fs, grandchild, posixpath.basename(child), path))
     if categories:
         wanted = set(categories)
         found = [c for c in found if c.name in wanted or c.key in wanted]
@@ -187,6 +192,7 @@ class LoadedSample:
     mask: np.ndarray | None  # [S, S] bool; all False for good test images; None when unknown
     content_hash: str
     original_size: tuple[int, int]
+    mask_error: str | None = None  # why an existing mask could not be used
 
 
 def read_bytes(url: str, storage_options: dict | None = None) -> bytes:
@@ -199,15 +205,18 @@ def load_sample(sample: Sample, size: int, max_pixels: int = 100_000_000,
     """Read and decode one sample and its mask. Raises ImageDecodeError/OSError naming the file."""
     data = read_bytes(sample.url, storage_options)
     image, original = decode_image(data, size, sample.url, max_pixels)
-    mask: np.ndarray | None
+    mask: np.ndarray | None = None
+    mask_error = None
     if sample.mask_url:
-        mask = decode_mask(read_bytes(sample.mask_url, storage_options), size, sample.mask_url,
-                           expected_size=original, max_pixels=max_pixels)
+        try:
+            mask = decode_mask(read_bytes(sample.mask_url, storage_options), size, sample.mask_url,
+                               expected_size=original, max_pixels=max_pixels)
+        except (OSError, ValueError) as exc:
+            mask_error = f"{type(exc).__name__}: {exc}"
+            log.warning("unusable mask, image left out of pixel metrics: %s", mask_error)
     elif sample.label == 0:
         mask = np.zeros((size, size), dtype=bool)
-    else:
-        mask = None
-    return LoadedSample(sample, image, mask, content_hash(data), original)
+    return LoadedSample(sample, image, mask, content_hash(data), original, mask_error)
 
 
 def list_images(source: str, storage_options: dict | None = None) -> list[str]:
@@ -218,3 +227,15 @@ def list_images(source: str, storage_options: dict | None = None) -> list[str]:
         raise FileNotFoundError(f"image source {source!r} does not exist or is not a folder")
     found = [p for p in fs.find(path) if p.lower().endswith(IMAGE_EXTENSIONS)]
     return sorted(_url(fs, p) for p in found)
+
+
+def outside_root(url: str, root: str) -> bool:
+    """True when a local ``url`` resolves (through symlinks) outside the folder ``root``.
+
+    Object stores have no links, so remote URLs are never outside.
+    """
+    if "://" in url and not url.startswith("file://"):
+        return False
+    real_root = os.path.realpath(root.removeprefix("file://"))
+    real = os.path.realpath(url.removeprefix("file://"))
+    return not (real == real_root or real.startswith(real_root.rstrip(os.sep) + os.sep))

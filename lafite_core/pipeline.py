@@ -180,12 +180,27 @@ def pseudo_evaluator(scorer: Scorer, pseudo: PseudoValidation, progress: Progres
     return evaluate
 
 
+def trainable(categories: Sequence[Category]) -> tuple[list[Category], list[str]]:
+    """(categories with train/good images, keys of those without); raises when none has any.
+
+    A category without normal images cannot be learned; it is skipped with a warning (its images
+    will score as unfamiliar, i.e. anomalous, which errs on the safe side) and recorded.
+    """
+    ok = [c for c in categories if c.train]
+    skipped = [c.key for c in categories if not c.train]
+    for key in skipped:
+        log.warning("%s has no train/good images: it is left out of training", key)
+    if not ok:
+        raise ValueError(f"no category has train/good images ({', '.join(skipped) or 'none found'}); "
+                         f"expected <root>/<category>/train/good/*.png")
+    return ok, skipped
+
+
 def split_categories(categories: Sequence[Category], cfg: PipelineConfig) -> tuple[list[Sample], list[Sample]]:
     """All categories' train/good -> (samples to fit on, held-out pseudo-validation normals)."""
     empty = [c.key for c in categories if not c.train]
     if empty:
-        raise ValueError(f"categories without train/good images: {empty}; add normal images or leave "
-                         f"them out with --categories")
+        raise ValueError(f"categories without train/good images: {empty}; filter them with trainable()")
     fit_samples: list[Sample] = []
     holdout_samples: list[Sample] = []
     for i, c in enumerate(categories):
@@ -273,6 +288,7 @@ def fit(
     """Train one model on the train/good images of all ``categories`` (the paper's unified setting)."""
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
+    categories, _ = trainable(categories)
     fit_samples, holdout_samples = split_categories(categories, cfg)
     extractor = extractor or FeatureExtractor(cfg.backbone)
     loaded, failures = load_all(fit_samples + holdout_samples, cfg, storage_options, progress, "read train images")

@@ -23,6 +23,7 @@ keys) cannot lead outside the root.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import json
@@ -37,7 +38,6 @@ from datetime import datetime, timezone
 from typing import Any, Iterable
 
 import fsspec
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from fsspec.core import url_to_fs
@@ -89,10 +89,54 @@ class ModelVersion:
     config_hash: str
 
 
-class Store:
-    """Artefact store rooted at a local path or fsspec URL."""
+def is_transient(exc: BaseException) -> bool:
+    """Errors worth retrying: connection problems, timeouts, throttling and 5xx answers."""
+    if isinstance(exc, (FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError, NotADirectoryError,
+                        IntegrityError, ValueError)):
+        return False
+    if isinstance(exc, (ConnectionError, TimeoutError)):
+        return True
+    module = type(exc).__module__
+    if module.startswith(("botocore", "aiohttp", "aiobotocore", "urllib3", "fsspec")):
+        return True
+    if isinstance(exc, OSError):
+        # s3fs maps service errors to OSError with an errno; EINVAL / EACCES are not transient
+        return exc.errno not in (errno.EINVAL, errno.EACCES, errno.EPERM, errno.ENOENT)
+    return False
 
-    def __init__(self, root: str, storage_options: dict | None = None) -> None:
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Exponential backoff: ``attempts`` tries, waiting base, 2 base, 4 base ... between them."""
+
+    attempts: int = 5
+    base_delay: float = 0.5
+
+    @classmethod
+    def from_env(cls) -> "RetryPolicy":
+        return cls(int(os.environ.get("LAFITE_STORE_RETRIES", 5)), float(os.environ.get("LAFITE_STORE_RETRY_DELAY", 0.5)))
+
+    def call(self, fn, *args, what: str = "storage call", **kwargs):
+        """``fn(*args, **kwargs)``, retrying transient errors; then StoreError naming ``what``."""
+        for i in range(self.attempts):
+            try:
+                return fn(*args, **kwargs)
+            except Exception as exc:  # noqa: BLE001 - filtered by is_transient
+                if not is_transient(exc):
+                    raise
+                if i == self.attempts - 1:
+                    raise StoreError(f"{what} failed after {self.attempts} attempts: {type(exc).__name__}: {exc}") from exc
+                delay = self.base_delay * 2**i
+                log.warning("%s failed (%s: %s); retry %d/%d in %.1f s", what, type(exc).__name__, exc, i + 1,
+                            self.attempts - 1, delay)
+                time.sleep(delay)
+        raise AssertionError("unreachable")
+
+
+class Store:
+    """Artefact store rooted at a local path or fsspec URL; transient errors are retried with backoff."""
+
+    def __init__(self, root: str, storage_options: dict | None = None, retry: RetryPolicy | None = None) -> None:
         self.root_url = root.rstrip("/") or root
         self.storage_options = storage_options if storage_options is not None else storage_options_from_env(root)
         try:
@@ -100,6 +144,7 @@ class Store:
         except Exception as exc:
             raise StoreError(f"cannot open store {root!r}: {exc}") from exc
         self.root = self.root.rstrip("/")
+        self.retry = retry or RetryPolicy.from_env()
         self.local = _protocol(self.fs) == "file"
         if self.local:
             os.makedirs(self.root, exist_ok=True)
@@ -116,39 +161,59 @@ class Store:
 
     # ------------------------------------------------------------------ bytes
 
-    def write_bytes(self, parts: Iterable[str], data: bytes) -> str:
-        """Write ``data`` whole (temporary file + rename locally, one PUT remotely); returns the path."""
+    def write_bytes(self, parts: Iterable[str], data: bytes, exclusive: bool = False) -> str:
+        """Write ``data`` whole (temporary file + rename locally, one PUT remotely); returns the path.
+
+        ``exclusive``: fail with FileExistsError when the file exists (an atomic create, for locks
+        and claims: O_EXCL locally, a conditional PUT on S3).
+        """
+        parts = list(parts)
         path = self.path(*parts)
-        try:
-            if self.local:
-                os.makedirs(posixpath.dirname(path), exist_ok=True)
-                tmp = f"{path}.{uuid.uuid4().hex}.partial"
+        return self.retry.call(self._write, path, data, exclusive, what=f"writing {self.url(*parts)}")
+
+    def _write(self, path: str, data: bytes, exclusive: bool) -> str:
+        if self.local:
+            os.makedirs(posixpath.dirname(path), exist_ok=True)
+            if exclusive:
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+                with os.fdopen(fd, "wb") as f:
+                    f.write(data)
+                return path
+            tmp = f"{path}.{uuid.uuid4().hex}.partial"
+            try:
                 with open(tmp, "wb") as f:
                     f.write(data)
                     f.flush()
                     os.fsync(f.fileno())
                 os.replace(tmp, path)
-            else:
-                self.fs.pipe_file(path, data)
-        except OSError as exc:
-            raise StoreError(f"cannot write {self.url(*parts)}: {exc}") from exc
+            finally:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
+        elif exclusive:
+            self.fs.pipe_file(path, data, mode="create")
+        else:
+            self.fs.pipe_file(path, data)
         return path
 
     def read_bytes(self, *parts: str) -> bytes:
-        try:
-            return self.fs.cat_file(self.path(*parts))
-        except FileNotFoundError:
-            raise
-        except OSError as exc:
-            raise StoreError(f"cannot read {self.url(*parts)}: {exc}") from exc
+        return self.retry.call(self.fs.cat_file, self.path(*parts), what=f"reading {self.url(*parts)}")
 
     def exists(self, *parts: str) -> bool:
-        return self.fs.exists(self.path(*parts))
+        return self.retry.call(self.fs.exists, self.path(*parts), what=f"checking {self.url(*parts)}")
+
+    def delete(self, *parts: str, recursive: bool = False) -> None:
+        """Remove a file or folder; absent is fine."""
+        try:
+            self.retry.call(self.fs.rm, self.path(*parts), recursive=recursive, what=f"removing {self.url(*parts)}")
+        except FileNotFoundError:
+            pass
 
     def listdir(self, *parts: str) -> list[str]:
         """Names directly under ``parts`` (files and folders); empty when the folder is absent."""
+        path = self.path(*parts)
         try:
-            entries = self.fs.ls(self.path(*parts), detail=False)
+            self.fs.invalidate_cache(path)
+            entries = self.retry.call(self.fs.ls, path, detail=False, what=f"listing {self.url(*parts)}")
         except FileNotFoundError:
             return []
         return sorted(posixpath.basename(e.rstrip("/")) for e in entries)
@@ -238,27 +303,3 @@ def _protocol(fs: fsspec.AbstractFileSystem) -> str:
     p = fs.protocol
     return p[0] if isinstance(p, (tuple, list)) else p
 
-
-def retrying(fn, *args, attempts: int = 5, base_delay: float = 0.5, what: str = "storage call", **kwargs):
-    """Call ``fn`` and retry OSErrors with exponential backoff; the last error is re-raised."""
-    for i in range(attempts):
-        try:
-            return fn(*args, **kwargs)
-        except (OSError, StoreError) as exc:
-            if isinstance(exc, (FileNotFoundError, IntegrityError)) or i == attempts - 1:
-                raise
-            delay = base_delay * 2**i
-            log.warning("%s failed (%s); retrying in %.1f s (%d/%d)", what, exc, delay, i + 1, attempts)
-            time.sleep(delay)
-    raise AssertionError("unreachable")
-
-
-def to_numpy_json(obj: Any) -> Any:
-    """Convert numpy scalars inside ``obj`` for JSON."""
-    if isinstance(obj, dict):
-        return {k: to_numpy_json(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [to_numpy_json(v) for v in obj]
-    if isinstance(obj, np.generic):
-        return obj.item()
-    return obj

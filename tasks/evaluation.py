@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from dataclasses import asdict
 from datetime import datetime, timezone
 
@@ -18,14 +17,13 @@ from lafite_core.pipeline import metrics_for, score_category
 from lafite_core.storage import Store, storage_options_from_env
 from lafite_core.tables import METRIC_COLUMNS, SUMMARY_SCHEMA, metrics_table, summarize_metrics
 from tasks.model import load_published
-from tasks.progress import LogProgress, run_logger
+from tasks.progress import LogProgress, run_logger, worker_logger
 
 
 def evaluate_category_body(store_url: str, version: str, category: Category, methods: list[str],
                            seed: int | None, data_root: str) -> tuple[list[dict], list[tuple[str, str]]]:
     """On a Ray worker: score one category's test set with every method; metric rows and failures."""
-    logging.basicConfig(level=logging.INFO)
-    log = logging.getLogger("lafite.evaluate")
+    log = worker_logger("lafite.evaluate")
     store = Store(store_url)
     model, _, _ = load_published(store, version)
     cfg = model.config

@@ -39,3 +39,15 @@ def run_logger() -> logging.Logger | logging.LoggerAdapter:
         return get_run_logger()
     except Exception:  # outside a run context (e.g. inside a Ray worker)
         return logging.getLogger("lafite")
+
+
+def worker_logger(name: str) -> logging.Logger:
+    """A logger that prints INFO lines from a Ray worker (Ray forwards them to the driver's output)."""
+    logger = logging.getLogger(name)
+    logger.setLevel(logging.INFO)
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        logger.addHandler(handler)
+        logger.propagate = False
+    return logger

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import logging
 from dataclasses import dataclass
 
 import numpy as np
@@ -22,7 +21,7 @@ from lafite_core.feature_store import FeatureStore
 from lafite_core.pipeline import category_key, new_model, train_parts
 from lafite_core.storage import Store
 from lafite_core.train import load_state
-from tasks.progress import LogProgress, run_logger
+from tasks.progress import LogProgress, run_logger, worker_logger
 
 STAGED = "staged"
 
@@ -70,8 +69,7 @@ def read_training_features(fstore: FeatureStore, samples: list[Sample]) -> tuple
 def train_body(store_url: str, config_json: str, samples: list[Sample], run_id: str, categories: list[str],
                backbone: dict, device: str | None) -> TrainRef:
     """Runs on the Ray worker (no Prefect context): train, checkpoint, stage the model parts."""
-    log = logging.getLogger("lafite.train")
-    logging.basicConfig(level=logging.INFO)
+    log = worker_logger("lafite.train")
     cfg = PipelineConfig.from_json(config_json)
     store = Store(store_url)
     fstore = FeatureStore(store, cfg, backbone)
