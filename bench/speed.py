@@ -1,0 +1,606 @@
+"""Speed benchmark: every figure is a pair (or a ratio of a pair) measured side by side in this run.
+
+Sections (``--only`` picks some):
+
+- ``extraction``: images/s through the whole data path (read, decode, resize, backbone, aggregation,
+  Zarr write with ``feature_store.extract_into`` into a temporary local store) against the bare
+  backbone forward pass on the same images already in memory as tensors. Target: ratio >= 0.8.
+- ``knn``: exact nearest-neighbour search, faiss (``FaissKNN``) against chunked torch matmuls
+  (``TorchKNN``), same bank and queries (1,024 patches per image), K in {1, 5}.
+- ``coreset``: ``select_coreset`` time and peak RSS growth against the number of patches (192-d,
+  clustered random data), one child process per size; must scale linearly.
+- ``scoring``: Scorer images/s (from features) of LafitE at 1, 5, 10, 25 DDIM steps against
+  the PatchCore baseline on the same features, with a cpu-profile model trained here for a few
+  epochs on real images (or ``--store``/``--model-version``).
+- ``ray``: batch scoring through ``tasks.scoring.score_shard_body`` as Ray tasks, 1 vs 2 concurrent
+  workers over the same shards (torch and faiss at 1 thread per worker). Target: speedup >= 1.6.
+- ``training``: cpu-profile U-Net training time per epoch per 1,000 images on random features.
+
+    .venv/bin/python bench/speed.py              # full run
+    .venv/bin/python bench/speed.py --quick      # smoke run, small sizes
+    .venv/bin/python bench/speed.py --only knn coreset
+
+Writes ``<out>.json`` and ``<out>.md`` (``bench/results/speed[_quick]``) and prints the Markdown.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from common import SHARED_DATA, Ticker, machine, out_stem, write_json, write_text
+
+SECTIONS = ("extraction", "knn", "coreset", "scoring", "ray", "training")
+CHILD_FLAG = "--coreset-child"
+
+
+@dataclass(frozen=True)
+class Sizes:
+    extraction_images: int | None  # None: every image found
+    extraction_reps: int
+    knn_banks: tuple[int, ...]
+    knn_queries: int  # total queries per measurement
+    knn_call_images: tuple[int, ...]  # images (x 1,024 patches) per search call
+    coreset_patches: tuple[int, ...]
+    fit_train_images: int | None
+    fit_epochs: int
+    scoring_images: int
+    ddim_steps: tuple[int, ...]
+    ray_images: int
+    ray_shards: int
+    train_images: int
+    train_epochs: int
+
+
+FULL = Sizes(None, 2, (5_000, 50_000), 32_768, (1, 16), (100_000, 400_000, 1_600_000, 3_700_000), None, 2, 97,
+             (1, 5, 10, 25), 96, 4, 256, 3)
+QUICK = Sizes(24, 1, (5_000, 50_000), 2_048, (1, 2), (20_000, 40_000), 6, 1, 4, (1, 5), 8, 4, 16, 2)
+
+PATCHES_PER_IMAGE = 1024
+DIM = 192
+MVTEC_CATEGORY_PATCHES = 240 * PATCHES_PER_IMAGE  # an MVTec-size category: ~240 train images
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def timed(fn, *args, **kwargs) -> tuple[float, object]:
+    t = time.perf_counter()
+    out = fn(*args, **kwargs)
+    return time.perf_counter() - t, out
+
+
+# --------------------------------------------------------------------------- data
+
+
+def find_categories(data_root: str | None, tmp: Path):
+    """Real categories (default: ../shared/data/mpdd), else a generated demo set under ``tmp``."""
+    from lafite_core.data import discover
+    from lafite_core.demo_data import generate_demo_dataset
+
+    root = data_root or (str(SHARED_DATA / "mpdd") if (SHARED_DATA / "mpdd").is_dir() else None)
+    if root is None:
+        log("no real data at ../shared/data/mpdd: generating the demo data set")
+        root = str(generate_demo_dataset(tmp / "demo").path)
+    return root, discover(root)
+
+
+# --------------------------------------------------------------------------- extraction
+
+
+@dataclass
+class ExtractionResult:
+    images: int
+    batch_size: int
+    pipeline_images_per_s: float
+    bare_backbone_images_per_s: float
+    ratio: float
+    target: float = 0.8
+
+
+def bench_extraction(categories, cfg, extractor, sizes: Sizes, tmp: Path) -> ExtractionResult:
+    from lafite_core.feature_store import FeatureStore, extract_into
+    from lafite_core.features import to_tensor
+    from lafite_core.pipeline import backbone_card, load_all
+    from lafite_core.storage import Store
+
+    samples = [s for c in categories for s in (*c.train, *c.test)]
+    if sizes.extraction_images:
+        samples = samples[: sizes.extraction_images]
+    batch = 32  # extract_into's default
+    loaded, _ = load_all(samples, cfg)
+    tensors = [to_tensor([s.image for s in loaded[i : i + batch]]) for i in range(0, len(loaded), batch)]
+    extractor(tensors[0][:2])  # warm-up
+    pipe, bare = [], []
+    for rep in range(sizes.extraction_reps):
+        fstore = FeatureStore(Store(str(tmp / f"features-{rep}")), cfg, backbone_card(extractor))
+        t, report = timed(extract_into, fstore, samples, extractor, batch_size=batch)
+        assert report.extracted == len(samples), report
+        pipe.append(len(samples) / t)
+        t0 = time.perf_counter()
+        for x in tensors:
+            extractor(x)
+        bare.append(len(loaded) / (time.perf_counter() - t0))
+    p, b = statistics.median(pipe), statistics.median(bare)
+    return ExtractionResult(len(samples), batch, p, b, p / b)
+
+
+# --------------------------------------------------------------------------- kNN
+
+
+@dataclass
+class KNNResult:
+    bank: int
+    k: int
+    call_queries: int
+    faiss_queries_per_s: float
+    torch_queries_per_s: float
+    torch_over_faiss: float
+    top1_agreement: float
+
+
+def clustered(n: int, rng: np.random.Generator, centres: np.ndarray, out: np.ndarray | None = None,
+              block: int = 262_144) -> np.ndarray:
+    """[n, D] float32 points around ``centres`` [C, D] (written into ``out`` block by block)."""
+    out = np.empty((n, centres.shape[1]), np.float32) if out is None else out
+    for s in range(0, n, block):
+        m = min(block, n - s)
+        out[s : s + m] = centres[rng.integers(len(centres), size=m)]
+        out[s : s + m] += rng.standard_normal((m, centres.shape[1]), dtype=np.float32)
+    return out
+
+
+def bench_knn(sizes: Sizes) -> list[KNNResult]:
+    from lafite_core.knn import FaissKNN, TorchKNN
+
+    rng = np.random.default_rng(0)
+    centres = (rng.standard_normal((512, DIM)) * 2).astype(np.float32)
+    queries = clustered(sizes.knn_queries, rng, centres) * np.float32(1.05)
+    results = []
+    for m in sizes.knn_banks:
+        bank = clustered(m, rng, centres)
+        faiss_knn, torch_knn = FaissKNN(bank, use_gpu=False), TorchKNN(bank)
+        for images in sizes.knn_call_images:
+            call = images * PATCHES_PER_IMAGE
+            calls = [queries[s : s + call] for s in range(0, len(queries) - call + 1, call)]
+            for k in (1, 5):
+                faiss_knn.search(calls[0][:64], k), torch_knn.search(calls[0][:64], k)  # warm-up
+                tf, f_out = timed(lambda: [faiss_knn.search(q, k) for q in calls])
+                tt, t_out = timed(lambda: [torch_knn.search(q, k) for q in calls])
+                n = sum(len(q) for q in calls)
+                agree = float(np.mean(np.concatenate([a.indices[:, 0] == b.indices[:, 0] for a, b in zip(f_out, t_out)])))
+                results.append(KNNResult(m, k, call, n / tf, n / tt, tf / tt, agree))
+                log(f"  knn bank {m} k={k} call {call}: faiss {n / tf:,.0f} q/s, torch {n / tt:,.0f} q/s")
+    return results
+
+
+# --------------------------------------------------------------------------- coreset (child processes)
+
+
+@dataclass
+class CoresetResult:
+    patches: int
+    torch_threads: int
+    groups: int
+    chunks: int
+    selected: int
+    seconds: float
+    seconds_per_million: float
+    input_gb: float
+    peak_rss_growth_gb: float
+    peak_rss_gb: float
+
+
+def proc_status(field: str) -> int:
+    """A memory field of /proc/self/status (VmRSS: resident now, VmHWM: peak resident), in bytes.
+
+    VmHWM rather than getrusage's ru_maxrss: ru_maxrss survives execve, so a child started from a
+    big parent reports the parent's size as its own peak.
+    """
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no {field} in /proc/self/status (the coreset memory figure needs Linux)")
+
+
+def coreset_child(n: int, threads: int) -> None:
+    """In a fresh process: clustered [n, 192] patches in MVTec-size groups, then select_coreset.
+
+    Prints one JSON line. Peak RSS growth = peak RSS (VmHWM) at the end - resident memory after
+    the imports, before the input exists; it includes the input itself (generated in small blocks
+    straight into its final array, so generation adds no spike) and the group keys.
+    """
+    from lafite_core.config import CoresetConfig
+    from lafite_core.coreset import select_coreset
+
+    if threads:
+        torch.set_num_threads(threads)
+    before = proc_status("VmRSS")
+    rng = np.random.default_rng(n)
+    centres = (rng.standard_normal((2048, DIM)) * 2).astype(np.float32)
+    feats = clustered(n, rng, centres, block=16_384)
+    n_groups = max(1, math.ceil(n / MVTEC_CATEGORY_PATCHES))
+    # string category keys, repeated per patch, as pipeline.build_bank passes them
+    names = np.array([f"mvtec/category{g:02d}" for g in range(n_groups)])
+    groups = np.repeat(names, np.diff(np.linspace(0, n, n_groups + 1).round().astype(int)))
+    t, core = timed(select_coreset, feats, CoresetConfig(), 0, groups=groups, device="cpu")
+    peak = proc_status("VmHWM")
+    print(json.dumps(asdict(CoresetResult(
+        n, torch.get_num_threads(), n_groups, core.num_chunks, len(core.indices), t, t / (n / 1e6), feats.nbytes / 1e9,
+        (peak - before) / 1e9, peak / 1e9))))
+
+
+def bench_coreset(sizes: Sizes) -> list[CoresetResult]:
+    """Every size with torch's default threads, then the smallest again with one thread.
+
+    The greedy loop runs thousands of tiny parallel ops; when other work holds a core, torch's
+    intra-op threads wait on each other at every op (seen here: 8x slower at 2 threads than at 1
+    on a busy 2-core machine), so the one-thread row tells contention from the algorithm's cost.
+    """
+    out = []
+    runs = [(n, 0) for n in sizes.coreset_patches] + [(sizes.coreset_patches[0], 1)]
+    for n, threads in runs:
+        proc = subprocess.run([sys.executable, __file__, CHILD_FLAG, str(n), str(threads)], capture_output=True,
+                              text=True)
+        if proc.returncode:
+            raise RuntimeError(f"coreset child for {n} patches failed:\n{proc.stderr[-3000:]}")
+        r = CoresetResult(**json.loads(proc.stdout.strip().splitlines()[-1]))
+        log(f"  coreset {n:,} patches, {r.torch_threads} threads: {r.seconds:.1f} s, "
+            f"peak RSS +{r.peak_rss_growth_gb:.2f} GB")
+        out.append(r)
+    return out
+
+
+# --------------------------------------------------------------------------- a model to score with
+
+
+@dataclass
+class Trained:
+    model: object
+    store_url: str
+    version: str
+    source: str  # how the model came to be
+
+
+def trained_model(args, categories, sizes: Sizes, extractor, tmp: Path) -> Trained:
+    """A published cpu-profile model: loaded from ``--store``, or fitted here for a few epochs."""
+    from lafite_core.config import config_hash, cpu_profile
+    from lafite_core.pipeline import fit
+    from lafite_core.storage import Store
+    from tasks.model import CALIBRATION_FILE, load_published
+
+    if args.store:
+        store = Store(args.store)
+        version = store.resolve_version(args.model_version)
+        model, _, _ = load_published(store, version)
+        return Trained(model, args.store, version, f"loaded {version} from {args.store}")
+    cfg = cpu_profile().with_updates(diffusion={"epochs": sizes.fit_epochs},
+                                     search={"taus": (cpu_profile().scoring.tau,), "ks": (cpu_profile().scoring.k,)})
+    if sizes.fit_train_images:
+        categories = [dataclasses.replace(c, train=c.train[: sizes.fit_train_images]) for c in categories]
+    n_train = sum(len(c.train) for c in categories)
+    log(f"  fitting a cpu-profile model ({cfg.diffusion.epochs} epochs, {n_train} train images) to score with")
+    fitted = fit(categories, cfg, extractor, progress=Ticker())
+    assert fitted.selection is not None
+    files = fitted.model.to_files()
+    files[CALIBRATION_FILE] = json.dumps(fitted.selection.calibration.to_json()).encode()
+    store_url = str(tmp / "store")
+    version = Store(store_url).publish_model(files, config_hash(cfg)).version
+    return Trained(fitted.model, store_url, version,
+                   f"cpu profile fitted here: {cfg.diffusion.epochs} epochs on {n_train} train images "
+                   f"(speed only; not a useful detector)")
+
+
+# --------------------------------------------------------------------------- scoring
+
+
+@dataclass
+class ScoringResult:
+    method: str
+    ddim_steps: int | None
+    torch_threads: int
+    images: int
+    images_per_s: float
+    patchcore_over_this: float
+
+
+def bench_scoring(trained: Trained, categories, extractor, sizes: Sizes) -> list[ScoringResult]:
+    from lafite_core.features import extract
+    from lafite_core.model import Scorer
+    from lafite_core.pipeline import image_seed, load_all
+
+    model = trained.model
+    tests = [s for c in categories for s in c.test][: sizes.scoring_images]
+    loaded, _ = load_all(tests, model.config)
+    feats = torch.from_numpy(extract(extractor, [s.image for s in loaded]))
+    seeds = [image_seed(0, s.content_hash) for s in loaded]
+
+    def rate(method: str, steps: int | None) -> float:
+        m = model if steps is None else dataclasses.replace(
+            model, config=model.config.with_updates(scoring={"ddim_steps": steps}))
+        scorer = Scorer(m, "cpu")
+        scorer.score(feats[:2], method, seeds[:2])  # warm-up
+        t, _ = timed(scorer.score, feats, method, seeds)
+        log(f"  scoring {method} steps={steps} threads={torch.get_num_threads()}: {len(seeds) / t:.2f} images/s")
+        return len(seeds) / t
+
+    threads = torch.get_num_threads()
+    pc = rate("patchcore", None)
+    rows = [ScoringResult("patchcore", None, threads, len(seeds), pc, 1.0)]
+    default = model.config.scoring.ddim_steps
+    r = rate("lafite_no_edit", default)
+    rows.append(ScoringResult("lafite_no_edit", default, threads, len(seeds), r, pc / r))
+    for steps in sizes.ddim_steps:
+        r = rate("lafite", steps)
+        rows.append(ScoringResult("lafite", steps, threads, len(seeds), r, pc / r))
+    if threads > 1:  # the same at one thread: how much the intra-op threads help (or stall, on a busy machine)
+        torch.set_num_threads(1)
+        try:
+            r = rate("lafite", default)
+        finally:
+            torch.set_num_threads(threads)
+        rows.append(ScoringResult("lafite", default, 1, len(seeds), r, pc / r))
+    return rows
+
+
+# --------------------------------------------------------------------------- Ray
+
+
+@dataclass
+class RayResult:
+    images: int
+    shards: int
+    one_worker_images_per_s: float
+    two_workers_images_per_s: float
+    speedup: float
+    threads_per_worker: int = 1
+    target: float = 1.6
+
+
+class ShardWorker:
+    """A Ray actor that runs tasks.scoring.score_shard_body with torch and faiss at one thread.
+
+    Actors rather than tasks: both settings then run on the same warm processes (imports done), so
+    the comparison is not skewed by Ray starting or reaping worker processes in between.
+    """
+
+    def __init__(self) -> None:
+        import faiss
+        import torch as _torch
+
+        _torch.set_num_threads(1)
+        faiss.omp_set_num_threads(1)
+
+    def score(self, *args):
+        from tasks.scoring import score_shard_body
+
+        t = time.perf_counter()
+        report = score_shard_body(*args)
+        return report, os.getpid(), t, time.perf_counter()
+
+
+def bench_ray(trained: Trained, categories, sizes: Sizes) -> RayResult:
+    import ray
+
+    from tasks.runtime import ray_init
+
+    urls = [s.url for c in categories for s in c.test][: sizes.ray_images]
+    source_root = os.path.commonpath(urls)
+    per = math.ceil(len(urls) / sizes.ray_shards)
+    shards = [urls[i : i + per] for i in range(0, len(urls), per)]
+    ray_init(num_cpus=2)
+    workers = [ray.remote(num_cpus=1)(ShardWorker).remote() for _ in range(2)]
+    model_ref = (trained.store_url, trained.version)
+
+    def run(run_id: str, n_workers: int, parts: list[list[str]]) -> float:
+        t = time.perf_counter()
+        refs = [workers[i % n_workers].score.remote(*model_ref, run_id, i, s, set(), source_root, "lafite", False)
+                for i, s in enumerate(parts)]
+        out = ray.get(refs)
+        reports = [o[0] for o in out]
+        assert sum(r.scored for r in reports) == sum(map(len, parts)), reports
+        log(f"  {run_id}: " + ", ".join(f"pid {pid} {a - t:.1f}..{b - t:.1f} s" for _, pid, a, b in out))
+        return time.perf_counter() - t
+
+    run("warmup", 2, [urls[:1], urls[1:2]])  # both actors: imports and first model load done
+    t1 = run("one-worker", 1, shards)  # every shard on actor 0, one after another
+    t2 = run("two-workers", 2, shards)  # shards alternate between the two actors
+    log(f"  ray: 1 worker {len(urls) / t1:.2f} images/s, 2 workers {len(urls) / t2:.2f} images/s")
+    ray.shutdown()
+    return RayResult(len(urls), len(shards), len(urls) / t1, len(urls) / t2, t1 / t2)
+
+
+# --------------------------------------------------------------------------- training
+
+
+@dataclass
+class TrainingResult:
+    images: int
+    batch_size: int
+    epochs_timed: int
+    seconds_per_epoch: float
+    seconds_per_epoch_per_1000_images: float
+    parameters: int
+
+
+def bench_training(sizes: Sizes) -> TrainingResult:
+    from lafite_core.config import cpu_profile
+    from lafite_core.train import train_unet
+
+    cfg = cpu_profile().diffusion.model_copy(update={"epochs": sizes.train_epochs, "checkpoint_every": 10**6})
+    feats = torch.randn(sizes.train_images, DIM, 32, 32, generator=torch.Generator().manual_seed(0))
+    stamps = [time.perf_counter()]
+    state = train_unet(feats, cfg, 0, torch.device("cpu"), on_epoch=lambda e, loss: stamps.append(time.perf_counter()))
+    epochs = np.diff(stamps)[1:] if len(stamps) > 2 else np.diff(stamps)  # the first epoch warms up
+    per = float(np.mean(epochs))
+    return TrainingResult(sizes.train_images, cfg.batch_size, len(epochs), per, per / sizes.train_images * 1000,
+                          sum(p.numel() for p in state.unet.parameters()))
+
+
+# --------------------------------------------------------------------------- report
+
+
+def markdown(res: dict, quick: bool) -> str:
+    m = res["machine"]
+    out = ["# Speed benchmark", ""]
+    if quick:
+        out += ["**QUICK SMOKE RUN** (small sizes): checks that the benchmark runs; the figures are noisy.", ""]
+    out += [f"- machine: {m['line']}", f"- torch threads {m['torch_threads']}; faiss OpenMP threads "
+            f"{res['faiss_threads']}; glibc malloc tunables from tasks.runtime: {res['malloc_env']}",
+            f"- load average at the end: {res['load_end']}; other work on the machine skews every figure, "
+            f"the pairs less than the absolute numbers", f"- total time {res['seconds'] / 60:.1f} min", ""]
+    if (e := res.get("extraction")):
+        ok = "meets" if e["ratio"] >= e["target"] else "MISSES"
+        out += ["## Feature extraction", "",
+                f"{e['images']} images, batch {e['batch_size']}: whole data path (read, decode, resize, backbone, "
+                f"aggregation, Zarr write) vs. bare backbone forward on in-memory tensors.", "",
+                "| whole path (images/s) | bare backbone (images/s) | ratio | target |", "|---|---|---|---|",
+                f"| {e['pipeline_images_per_s']:.1f} | {e['bare_backbone_images_per_s']:.1f} | {e['ratio']:.2f} "
+                f"| >= {e['target']} ({ok}) |", ""]
+    if (k := res.get("knn")):
+        out += ["## Nearest-neighbour search (editing and PatchCore)", "",
+                "Queries/s, exact search, 192-d; a call holds 1,024 patches per image.", "",
+                "| bank | K | queries per call | faiss | torch matmul | torch / faiss | top-1 agreement |",
+                "|---|---|---|---|---|---|---|"]
+        for r in k:
+            out.append(f"| {r['bank']:,} | {r['k']} | {r['call_queries']:,} | {r['faiss_queries_per_s']:,.0f} | "
+                       f"{r['torch_queries_per_s']:,.0f} | {r['torch_over_faiss']:.2f} | {r['top1_agreement']:.4f} |")
+        faster = sum(r["torch_over_faiss"] > 1 for r in k)
+        out += ["", f"torch faster in {faster} of {len(k)} settings; editing and PatchCore use faiss "
+                f"(lafite_core.model.Scorer -> FaissKNN).", ""]
+    if (c := res.get("coreset")):
+        per = [r["seconds_per_million"] for r in c if r["torch_threads"] == c[0]["torch_threads"]]
+        out += ["## Coreset construction (default CoresetConfig)", "",
+                "Clustered random 192-d patches in MVTec-size groups (240 images x 1,024 patches), string "
+                "group keys as pipeline.build_bank passes them; one child process per size; peak RSS growth = "
+                "peak RSS - resident memory before the input was made (so it includes the input).", "",
+                "| patches | torch threads | groups | chunks | selected | s | s per million | input GB | "
+                "peak RSS growth GB |",
+                "|---|---|---|---|---|---|---|---|---|"]
+        for r in c:
+            out.append(f"| {r['patches']:,} | {r['torch_threads']} | {r['groups']} | {r['chunks']} | {r['selected']:,} | {r['seconds']:.1f} | "
+                       f"{r['seconds_per_million']:.1f} | {r['input_gb']:.2f} | {r['peak_rss_growth_gb']:.2f} |")
+        out += ["", f"s per million patches, largest / smallest size at {c[0]['torch_threads']} threads: "
+                f"{per[-1] / per[0]:.2f} (1.0 = linear). The last row repeats the smallest size at one thread: "
+                f"torch's intra-op threads stall each other in the greedy loop's tiny ops when the machine is busy.",
+                ""]
+    if (s := res.get("scoring")):
+        out += ["## Scoring (from features)", "", f"Model: {res['model_source']}. Scorer.score on "
+                f"{s[0]['images']} test images' features, batch {res['scoring_batch']}, CPU.", "",
+                "| method | DDIM steps | torch threads | images/s | PatchCore speed / this |", "|---|---|---|---|---|"]
+        for r in s:
+            out.append(f"| {r['method']} | {r['ddim_steps'] or '-'} | {r['torch_threads']} | {r['images_per_s']:.2f} | "
+                       f"{r['patchcore_over_this']:.1f} |")
+        out.append("")
+    if (r := res.get("ray")):
+        ok = "meets" if r["speedup"] >= r["target"] else "MISSES"
+        out += ["## Ray batch scoring", "",
+                f"{r['images']} images in {r['shards']} shards through tasks.scoring.score_shard_body on 1 or 2 "
+                f"warm Ray actors (one CPU each) "
+                f"(read, decode, extract, score, Parquet part; each task loads the model and the backbone); "
+                f"torch and faiss at {r['threads_per_worker']} thread per worker.", "",
+                "| 1 worker (images/s) | 2 workers (images/s) | speedup | target |", "|---|---|---|---|",
+                f"| {r['one_worker_images_per_s']:.2f} | {r['two_workers_images_per_s']:.2f} | {r['speedup']:.2f} | "
+                f">= {r['target']} ({ok}) |", ""]
+    if (t := res.get("training")):
+        out += ["## U-Net training (cpu profile)", "",
+                f"Random features [{t['images']}, 192, 32, 32], batch {t['batch_size']}, {t['parameters']:,} "
+                f"parameters; mean of {t['epochs_timed']} epoch(s) after the first.", "",
+                "| s per epoch | s per epoch per 1,000 images |", "|---|---|",
+                f"| {t['seconds_per_epoch']:.1f} | {t['seconds_per_epoch_per_1000_images']:.1f} |", ""]
+    return "\n".join(out) + "\n"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="smoke run with small sizes (about 2 minutes)")
+    p.add_argument("--only", nargs="+", choices=SECTIONS, default=list(SECTIONS), help="run only these sections")
+    p.add_argument("--data-root", default=None, help="MVTec-layout images (default ../shared/data/mpdd, else demo data)")
+    p.add_argument("--store", default=None, help="score with a published model from this store instead of training")
+    p.add_argument("--model-version", default=None, help="with --store: the version (default latest)")
+    p.add_argument("--coreset-sizes", type=int, nargs="+", default=None,
+                   help="patch counts for the coreset section (default 100k 400k 1.6M 3.7M; quick 20k 40k)")
+    p.add_argument("--out", default=None, help="output stem (default bench/results/speed[_quick])")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    sizes = QUICK if args.quick else FULL
+    if args.coreset_sizes:
+        sizes = dataclasses.replace(sizes, coreset_patches=tuple(args.coreset_sizes))
+    started = time.perf_counter()
+    mach = machine()
+    print(f"machine: {mach.line()}", flush=True)
+    import faiss
+
+    res: dict = {"machine": {**asdict(mach), "line": mach.line()}, "quick": args.quick, "sizes": asdict(sizes),
+                 "faiss_threads": faiss.omp_get_max_threads(),
+                 "malloc_env": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")}}
+    tmp = Path(tempfile.mkdtemp(prefix="lafite-speed-"))
+    try:
+        need_data = {"extraction", "scoring", "ray"} & set(args.only)
+        if need_data:
+            from lafite_core.backbone import FeatureExtractor
+            from lafite_core.config import cpu_profile
+
+            root, categories = find_categories(args.data_root, tmp)
+            res["data_root"] = root
+            cfg = cpu_profile()
+            extractor = FeatureExtractor(cfg.backbone)
+        if "extraction" in args.only:
+            log("extraction ...")
+            res["extraction"] = asdict(bench_extraction(categories, cfg, extractor, sizes, tmp))
+        if "knn" in args.only:
+            log("knn ...")
+            res["knn"] = [asdict(r) for r in bench_knn(sizes)]
+        if "coreset" in args.only:
+            log("coreset ...")
+            res["coreset"] = [asdict(r) for r in bench_coreset(sizes)]
+        if {"scoring", "ray"} & set(args.only):
+            trained = trained_model(args, categories, sizes, extractor, tmp)
+            res["model_source"] = trained.source
+            res["scoring_batch"] = trained.model.config.scoring.batch_size
+            if "scoring" in args.only:
+                log("scoring ...")
+                res["scoring"] = [asdict(r) for r in bench_scoring(trained, categories, extractor, sizes)]
+            if "ray" in args.only:
+                log("ray ...")
+                res["ray"] = asdict(bench_ray(trained, categories, sizes))
+        if "training" in args.only:
+            log("training ...")
+            res["training"] = asdict(bench_training(sizes))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    res["seconds"] = time.perf_counter() - started
+    res["load_end"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    stem = out_stem(args.out, "speed", args.quick)
+    text = markdown(res, args.quick)
+    write_json(stem.parent / (stem.name + ".json"), res)
+    write_text(stem.parent / (stem.name + ".md"), text)
+    print(json.dumps(res, indent=2, default=str))
+    print(text)
+    print(f"wrote {stem}.json and {stem}.md")
+    return 0
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 4 and sys.argv[1] == CHILD_FLAG:
+        coreset_child(int(sys.argv[2]), int(sys.argv[3]))
+        sys.exit(0)
+    sys.exit(main())

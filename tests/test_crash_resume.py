@@ -1,0 +1,164 @@
+"""Kill the process during extraction, training and batch scoring; the rerun resumes and the final
+outputs equal those of an uninterrupted run, with no duplicate and no missing rows."""
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from lafite_core.config import cpu_profile
+from lafite_core.model import LafiteModel
+from lafite_core.storage import Store
+
+LAFITE = str(Path(sys.executable).with_name("lafite"))
+
+
+def _kill_when(cmd: list[str], ready, timeout: float, log: Path, env: dict | None = None) -> None:
+    """Start ``cmd`` in its own session, SIGKILL the whole session once ``ready()`` is true."""
+    with open(log, "w") as out:
+        p = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                             env={**os.environ, **(env or {})})
+    deadline = time.monotonic() + timeout
+    try:
+        while not ready():
+            if p.poll() is not None:
+                raise AssertionError(f"{cmd[:3]} finished before it could be interrupted:\n{log.read_text()[-3000:]}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{cmd[:3]} never reached the point to interrupt:\n{log.read_text()[-3000:]}")
+            time.sleep(0.2)
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+        p.wait()
+    _reap_ray()
+
+
+def _reap_ray() -> None:
+    """Ray processes of a killed driver exit on their own; wait until they have."""
+    for _ in range(60):
+        left = subprocess.run(["pgrep", "-f", "ray::|raylet|gcs_server"], capture_output=True, text=True).stdout
+        own = [pid for pid in left.split() if int(pid) != os.getpid()]
+        if not own:
+            return
+        time.sleep(0.5)
+
+
+def _run(cmd: list[str], log: Path, env: dict | None = None) -> str:
+    out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})})
+    log.write_text(out.stdout + out.stderr)
+    assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
+    return out.stdout + out.stderr
+
+
+def test_extraction_resumes_and_equals_an_uninterrupted_run(tmp_path, small_demo):
+    script = tmp_path / "extract.py"
+    script.write_text(textwrap.dedent(f"""
+        import sys
+        from lafite_core.backbone import FeatureExtractor
+        from lafite_core.config import cpu_profile
+        from lafite_core.data import discover
+        from lafite_core.feature_store import FeatureStore, extract_into
+        from lafite_core.storage import Store
+        cfg = cpu_profile()
+        samples = [s for c in discover({str(small_demo.root)!r}) for s in c.train + c.test]
+        extract_into(FeatureStore(Store(sys.argv[1]), cfg), samples, FeatureExtractor(cfg.backbone), batch_size=2)
+    """))
+    from lafite_core.feature_store import FeatureStore
+
+    cfg = cpu_profile()
+    interrupted = FeatureStore(Store(str(tmp_path / "a")), cfg)
+    _kill_when([sys.executable, str(script), str(tmp_path / "a")],
+               lambda: len(interrupted.entries("demo", "bracket")) >= 4, 120, tmp_path / "kill.log")
+    before = len(interrupted.entries("demo", "bracket"))
+    assert 4 <= before < 12
+    _run([sys.executable, str(script), str(tmp_path / "a")], tmp_path / "resume.log")
+    _run([sys.executable, str(script), str(tmp_path / "b")], tmp_path / "clean.log")
+    clean = FeatureStore(Store(str(tmp_path / "b")), cfg)
+    for cat in ("bracket", "washer", "weave"):
+        a = interrupted.entries("demo", cat)
+        b = clean.entries("demo", cat)
+        assert set(a) == set(b) and len(a) == 12  # 6 train, 2 good, 2 x 2 defects
+        fa, _ = interrupted.read("demo", cat, sorted(b))
+        fb, _ = clean.read("demo", cat, sorted(b))
+        np.testing.assert_allclose(fa, fb, rtol=1e-4, atol=1e-4)
+
+
+def _model(store: str) -> tuple[LafiteModel, dict]:
+    s = Store(store)
+    (version,) = s.list_versions()
+    files = s.load_model_files(version.version)
+    return LafiteModel.from_files(files), files
+
+
+def test_training_resumes_from_its_checkpoint_and_equals_an_uninterrupted_run(tmp_path, small_demo, prefect_api_env):
+    args = [LAFITE, "train", "--data-root", str(small_demo.root), "--no-evaluate", "--epochs", "8",
+            "--set", "diffusion.base_channels=16", "--set", "diffusion.channel_mult=[1,2]",
+            "--set", "diffusion.checkpoint_every=1", "--set", "diffusion.batch_size=8",
+            "--set", "search.taus=[50,200]", "--set", "search.ks=[1,3]", "--set", "scoring.ddim_steps=2"]
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+
+    def checkpointed() -> bool:
+        ckpts = list(Path(a).glob("checkpoints/*/train_state.pt"))
+        if not ckpts:
+            return False
+        state = torch.load(ckpts[0], weights_only=True)
+        return 2 <= state["epoch"] < 8
+
+    env = prefect_api_env
+    _kill_when([*args, "--store", a], checkpointed, 300, tmp_path / "kill.log", env)
+    assert not Store(a).list_versions()  # nothing was published by the killed run
+    log = _run([*args, "--store", a], tmp_path / "resume.log", env)
+    assert "resuming training from checkpoint" in log
+    _run([*args, "--store", b], tmp_path / "clean.log", env)
+    (ma, fa), (mb, fb) = _model(a), _model(b)
+    for (k, x), y in zip(ma.unet.state_dict().items(), mb.unet.state_dict().values()):
+        torch.testing.assert_close(x, y, msg=k)
+    np.testing.assert_array_equal(ma.bank, mb.bank)
+    assert (ma.tau, ma.k) == (mb.tau, mb.k)
+    assert fa["calibration.json"] == fb["calibration.json"] and fa["search.parquet"] == fb["search.parquet"]
+
+
+def _all_rows(store: str) -> list[dict]:
+    from tasks.scoring import read_score_tables
+
+    s = Store(store)
+    (version,) = s.list_versions()
+    return read_score_tables(s, version.version).to_pylist()
+
+
+def test_batch_scoring_continues_the_dump_after_a_kill(tmp_path, trained_store, small_demo, prefect_api_env):
+    dump = tmp_path / "dump"
+    dump.mkdir()
+    for i, img in enumerate(sorted(small_demo.path.glob("*/test/*/*.png"))):
+        shutil.copyfile(img, dump / f"{i:03d}.png")
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    shutil.copytree(trained_store, a)
+    shutil.copytree(trained_store, b)
+    args = [LAFITE, "score", str(dump), "--shard-size", "2"]
+
+    def some_parts() -> bool:
+        return len(list(Path(a).glob("tables/scores/*/parts/*/shard-*.parquet"))) >= 2
+
+    env = prefect_api_env
+    _kill_when([*args, "--store", a], some_parts, 300, tmp_path / "kill.log", env)
+    assert not list(Path(a).glob("tables/scores/*/*.parquet"))  # the killed run merged nothing
+    log = _run([*args, "--store", a, "--stale-after", "0"], tmp_path / "resume.log", env)
+    assert "adopting the rows of interrupted run" in log
+    _run([*args, "--store", b], tmp_path / "clean.log", env)
+    ra, rb = _all_rows(a), _all_rows(b)
+    key = lambda r: (r["image_url"], r["content_hash"])  # noqa: E731
+    assert len(ra) == len({key(r) for r in ra}) == 18  # no duplicate, none missing
+    assert {key(r): r["raw_score"] for r in ra} == pytest.approx({key(r): r["raw_score"] for r in rb})
+    assert {key(r): r["decision"] for r in ra} == {key(r): r["decision"] for r in rb}
+    assert not list(Path(a).glob("tables/scores/*/parts/*"))  # adopted parts are cleaned up
+    merged = list(Path(a).glob("tables/scores/*/*.parquet"))
+    assert len(merged) == 1 and pq.read_table(merged[0]).num_rows == 18
