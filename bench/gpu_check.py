@@ -1,6 +1,6 @@
 """GPU check for the ``paper`` profile: training and scoring speed, peak memory, CPU/GPU agreement.
 
-Run through ``bash bench/gpu.sh`` on a machine with an NVIDIA GPU (about 3-5 minutes after the
+Run through ``bash bench/gpu.sh`` on a machine with an NVIDIA GPU (estimated 3-5 minutes after the
 environment exists). Measured, each beside its reference in the same run:
 
 - EfficientNet-B4 feature extraction, images/s at batch 64 (224 x 224 input);

@@ -512,7 +512,8 @@ def markdown(res: dict, quick: bool) -> str:
         out += ["## Ray batch scoring", "",
                 f"{r['images']} images in {r['shards']} shards through tasks.scoring.score_shard_body on 1 or 2 "
                 f"warm Ray actors (one CPU each) "
-                f"(read, decode, extract, score, Parquet part; each task loads the model and the backbone); "
+                f"(read, decode, extract, score, Parquet part; the warm-up loads the model and backbone once per "
+                f"worker); "
                 f"torch and faiss at {r['threads_per_worker']} thread per worker.", "",
                 "| 1 worker (images/s) | 2 workers (images/s) | speedup | target |", "|---|---|---|---|",
                 f"| {r['one_worker_images_per_s']:.2f} | {r['two_workers_images_per_s']:.2f} | {r['speedup']:.2f} | "
