@@ -93,7 +93,8 @@ class FeatureStore:
         g = self._open(dataset, category, "a")
         shape = tuple(int(s) for s in features.shape[1:])
         if ARRAY not in g:
-            arr = g.create_array(ARRAY, shape=(0, *shape), chunks=(1, *shape), dtype="float32")
+            # float features barely compress; compression would only cost CPU on the data path
+            arr = g.create_array(ARRAY, shape=(0, *shape), chunks=(1, *shape), dtype="float32", compressors=None)
         else:
             arr = g[ARRAY]
             if tuple(arr.shape[1:]) != shape:

@@ -59,6 +59,18 @@ class FaissKNN:
         return Neighbours(np.maximum(d, 0), i.astype(np.int64))
 
 
+def knn_for(bank: np.ndarray, device: torch.device | str = "cpu") -> KNN:
+    """The fastest exact search available: faiss (GPU index when faiss sees a GPU), or torch matmuls
+    on CUDA when the device is a GPU but the installed faiss is the CPU build."""
+    import faiss
+
+    gpus = faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
+    if torch.device(device).type == "cuda" and gpus == 0:
+        log.info("faiss has no GPU support here; nearest-neighbour search runs as torch matmuls on %s", device)
+        return TorchKNN(bank, device=str(device))
+    return FaissKNN(bank)
+
+
 class TorchKNN:
     """Exact search by chunked ``|q|^2 - 2 q.b + |b|^2`` matmuls with torch (reference path)."""
 

@@ -18,7 +18,7 @@ import torch
 from lafite_core.config import PipelineConfig, config_hash
 from lafite_core.ddim import DDIMSampler
 from lafite_core.editing import edit_features
-from lafite_core.knn import FaissKNN
+from lafite_core.knn import knn_for
 from lafite_core.normalize import FeatureStats
 from lafite_core.schedule import cosine_schedule
 from lafite_core.scoring import (
@@ -109,7 +109,7 @@ class Scorer:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model.unet.to(self.device).eval()
         self.sampler = DDIMSampler(cosine_schedule(model.config.diffusion.timesteps), model.config.scoring.eta)
-        self.knn = FaissKNN(model.bank)
+        self.knn = knn_for(model.bank, self.device)
 
     def normalize(self, raw: torch.Tensor) -> torch.Tensor:
         return self.model.stats.apply(raw.to(self.device, torch.float32))

@@ -117,7 +117,8 @@ def build_bank(normalized: torch.Tensor, groups: np.ndarray, cfg: PipelineConfig
     """Normalised features [N, D, h, w], groups [N] -> coreset [M, D] (eq. 9)."""
     n, d, h, w = normalized.shape
     patches = normalized.permute(0, 2, 3, 1).reshape(-1, d).numpy()
-    patch_groups = np.repeat(groups, h * w)
+    codes = np.unique(groups, return_inverse=True)[1].astype(np.int32)
+    patch_groups = np.repeat(codes, h * w)
     core = select_coreset(patches, cfg.coreset, cfg.seed, groups=patch_groups)
     return np.ascontiguousarray(patches[np.sort(core.indices)])
 

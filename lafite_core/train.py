@@ -110,13 +110,15 @@ def train_unet(
     state.unet.train()
     for epoch in range(state.epoch, cfg.epochs):
         g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+        # timesteps and noise are drawn where the model runs (no host-to-GPU copy of the noise)
+        g_dev = torch.Generator(device=device).manual_seed(seed * 1_000_003 + epoch)
         order = torch.randperm(n, generator=g)
         total, batches = 0.0, 0
         for start in range(0, n, cfg.batch_size):
             idx = order[start : start + cfg.batch_size]
             x0 = data[idx.to(device)]
-            t = torch.randint(0, cfg.timesteps, (idx.numel(),), generator=g).to(device)
-            eps = torch.randn(x0.shape, generator=g).to(device)
+            t = torch.randint(0, cfg.timesteps, (idx.numel(),), generator=g_dev, device=device)
+            eps = torch.randn(x0.shape, generator=g_dev, device=device)
             a = ab[t].view(-1, 1, 1, 1)
             x_t = a.sqrt() * x0 + (1 - a).sqrt() * eps  # eq. 3 / 8
             loss = F.mse_loss(state.unet(x_t, t), eps)  # eq. 6

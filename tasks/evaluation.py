@@ -24,6 +24,7 @@ def evaluate_category_body(store_url: str, version: str, category: Category, met
                            seed: int | None, data_root: str) -> tuple[list[dict], list[tuple[str, str]]]:
     """On a Ray worker: score one category's test set with every method; metric rows and failures."""
     log = worker_logger("lafite.evaluate")
+    runtime.use_assigned_cpus()
     store = Store(store_url)
     model, _, _ = load_published(store, version)
     cfg = model.config

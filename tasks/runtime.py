@@ -54,6 +54,30 @@ def ray_init(address: str | None = None, num_cpus: int | None = None) -> None:
         log.info("started local Ray with %d CPUs on 127.0.0.1", cpus)
 
 
+def use_assigned_cpus() -> int:
+    """Inside a Ray task: size torch's and faiss's thread pools to the CPUs Ray assigned to it.
+
+    Ray reuses worker processes across tasks with different ``num_cpus``; without this a 1-CPU
+    scoring task can keep the thread count of an earlier all-CPU training task (oversubscription).
+    """
+    import ray
+    import torch
+
+    try:
+        assigned = ray.get_runtime_context().get_assigned_resources()
+    except (AssertionError, RuntimeError):  # not inside a Ray worker: leave the process as it is
+        return torch.get_num_threads()
+    cpus = max(1, int(round(assigned.get("CPU", 1))))
+    torch.set_num_threads(cpus)
+    try:
+        import faiss
+
+        faiss.omp_set_num_threads(cpus)
+    except ImportError:
+        pass
+    return cpus
+
+
 def ray_gpus() -> float:
     import ray
 

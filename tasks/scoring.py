@@ -80,6 +80,7 @@ def _scoring_setup(store_url: str, version: str):
 def score_shard_body(store_url: str, version: str, run_id: str, shard: int, urls: list[str], done, source_root: str,
                      method: str, heatmaps: bool) -> ShardReport:
     """On a Ray worker: score ``urls`` not in ``done`` (a set of (url, content hash)); write a part file."""
+    runtime.use_assigned_cpus()
     store = Store(store_url)
     model, calibration, extractor, scorer = _scoring_setup(store_url, version)
     cfg = model.config

@@ -70,6 +70,7 @@ def train_body(store_url: str, config_json: str, samples: list[Sample], run_id: 
                backbone: dict, device: str | None) -> TrainRef:
     """Runs on the Ray worker (no Prefect context): train, checkpoint, stage the model parts."""
     log = worker_logger("lafite.train")
+    runtime.use_assigned_cpus()
     cfg = PipelineConfig.from_json(config_json)
     store = Store(store_url)
     fstore = FeatureStore(store, cfg, backbone)

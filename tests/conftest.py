@@ -27,7 +27,7 @@ def shared_data() -> Path:
 
 
 TINY = {
-    "diffusion": {"base_channels": 16, "channel_mult": (1, 2), "epochs": 2, "batch_size": 8, "lr": 1e-3,
+    "diffusion": {"base_channels": 16, "channel_mult": (1, 2), "epochs": 8, "batch_size": 8, "lr": 1e-3,
                   "checkpoint_every": 1},
     "search": {"taus": (50, 200), "ks": (1, 3)},
     "scoring": {"ddim_steps": 2},
@@ -36,8 +36,19 @@ TINY = {
 
 @pytest.fixture(scope="session")
 def tiny_overrides() -> dict:
-    """Config updates that make a full training run take seconds (small U-Net, 2 epochs)."""
+    """Config updates that make a full training run take seconds (small U-Net, 8 tiny epochs)."""
     return TINY
+
+
+def cli_overrides(overrides: dict) -> list[str]:
+    """The same updates as ``lafite`` command-line options (--set SECTION.FIELD=JSON)."""
+    import json
+
+    out = []
+    for section, fields in overrides.items():
+        for field, value in fields.items():
+            out += ["--set", f"{section}.{field}={json.dumps(list(value) if isinstance(value, tuple) else value)}"]
+    return out
 
 
 @pytest.fixture(scope="session")
@@ -111,7 +122,10 @@ def moto_s3():
 
 @pytest.fixture(scope="session")
 def trained_store(tmp_path_factory, prefect_harness, small_demo, tiny_overrides) -> str:
-    """A local store holding one model version trained (tiny config) on the small demo set."""
+    """A local store holding one model version trained (tiny config) on the small demo set.
+
+    Shared by the session: tests that write into a store copy it first.
+    """
     import ray
 
     from flows.params import TrainParams

@@ -1,6 +1,7 @@
 """Bad input tried on purpose: training skips or refuses with the file named, scoring records error rows."""
 
 import logging
+import shutil
 
 import pyarrow.parquet as pq
 import pytest
@@ -77,7 +78,9 @@ def test_batch_scoring_turns_every_bad_file_into_an_error_row(prefect_harness, t
     from flows.params import ScoreParams
 
     files = write_dump(tmp_path / "dump", tmp_path / "elsewhere")
-    out = batch_score_flow(ScoreParams(source=str(tmp_path / "dump"), store=trained_store, shard_size=4,
+    store = str(tmp_path / "store")
+    shutil.copytree(trained_store, store)  # the shared trained store stays untouched
+    out = batch_score_flow(ScoreParams(source=str(tmp_path / "dump"), store=store, shard_size=4,
                                        heatmaps=True))
     assert out.listed == len(files)
     rows = {r["image_url"].rsplit("/", 1)[1]: r for r in pq.read_table(out.table_url).to_pylist()}

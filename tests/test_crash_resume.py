@@ -18,6 +18,7 @@ import torch
 from lafite_core.config import cpu_profile
 from lafite_core.model import LafiteModel
 from lafite_core.storage import Store
+from conftest import cli_overrides
 
 LAFITE = str(Path(sys.executable).with_name("lafite"))
 
@@ -99,27 +100,28 @@ def _model(store: str) -> tuple[LafiteModel, dict]:
     return LafiteModel.from_files(files), files
 
 
-def test_training_resumes_from_its_checkpoint_and_equals_an_uninterrupted_run(tmp_path, small_demo, prefect_api_env):
-    args = [LAFITE, "train", "--data-root", str(small_demo.root), "--no-evaluate", "--epochs", "8",
-            "--set", "diffusion.base_channels=16", "--set", "diffusion.channel_mult=[1,2]",
-            "--set", "diffusion.checkpoint_every=1", "--set", "diffusion.batch_size=8",
-            "--set", "search.taus=[50,200]", "--set", "search.ks=[1,3]", "--set", "scoring.ddim_steps=2"]
-    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+def test_training_resumes_from_its_checkpoint_and_equals_an_uninterrupted_run(
+    tmp_path, small_demo, prefect_api_env, trained_store, tiny_overrides
+):
+    # trained_store holds the uninterrupted run: the same data, config and seed, never killed
+    args = [LAFITE, "train", "--data-root", str(small_demo.root), "--no-evaluate", *cli_overrides(tiny_overrides)]
+    a = str(tmp_path / "a")
+    epochs = tiny_overrides["diffusion"]["epochs"]
 
     def checkpointed() -> bool:
         ckpts = list(Path(a).glob("checkpoints/*/train_state.pt"))
         if not ckpts:
             return False
         state = torch.load(ckpts[0], weights_only=True)
-        return 2 <= state["epoch"] < 8
+        return 2 <= state["epoch"] < epochs
 
     env = prefect_api_env
     _kill_when([*args, "--store", a], checkpointed, 300, tmp_path / "kill.log", env)
     assert not Store(a).list_versions()  # nothing was published by the killed run
     log = _run([*args, "--store", a], tmp_path / "resume.log", env)
     assert "resuming training from checkpoint" in log
-    _run([*args, "--store", b], tmp_path / "clean.log", env)
-    (ma, fa), (mb, fb) = _model(a), _model(b)
+    (ma, fa), (mb, fb) = _model(a), _model(trained_store)
+    assert ma.config == mb.config
     for (k, x), y in zip(ma.unet.state_dict().items(), mb.unet.state_dict().values()):
         torch.testing.assert_close(x, y, msg=k)
     np.testing.assert_array_equal(ma.bank, mb.bank)
@@ -135,11 +137,23 @@ def _all_rows(store: str) -> list[dict]:
     return read_score_tables(s, version.version).to_pylist()
 
 
+def _uninterrupted(store: str, dump: Path) -> list[dict]:
+    """The same dump scored in one piece, in this process, by the same shard code."""
+    from lafite_core.data import list_images
+    from tasks.scoring import score_shard_body
+
+    s = Store(store)
+    (version,) = s.list_versions()
+    score_shard_body(store, version.version, "reference", 0, list_images(str(dump)), set(), str(dump), "lafite", False)
+    return _all_rows(store)
+
+
 def test_batch_scoring_continues_the_dump_after_a_kill(tmp_path, trained_store, small_demo, prefect_api_env):
     dump = tmp_path / "dump"
     dump.mkdir()
-    for i, img in enumerate(sorted(small_demo.path.glob("*/test/*/*.png"))):
-        shutil.copyfile(img, dump / f"{i:03d}.png")
+    images = sorted(small_demo.path.glob("*/test/*/*.png"))
+    for i in range(60):  # long enough a run to be interrupted in the middle
+        shutil.copyfile(images[i % len(images)], dump / f"{i:03d}.png")
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
     shutil.copytree(trained_store, a)
     shutil.copytree(trained_store, b)
@@ -153,12 +167,11 @@ def test_batch_scoring_continues_the_dump_after_a_kill(tmp_path, trained_store, 
     assert not list(Path(a).glob("tables/scores/*/*.parquet"))  # the killed run merged nothing
     log = _run([*args, "--store", a, "--stale-after", "0"], tmp_path / "resume.log", env)
     assert "adopting the rows of interrupted run" in log
-    _run([*args, "--store", b], tmp_path / "clean.log", env)
-    ra, rb = _all_rows(a), _all_rows(b)
+    ra, rb = _all_rows(a), _uninterrupted(b, dump)
     key = lambda r: (r["image_url"], r["content_hash"])  # noqa: E731
-    assert len(ra) == len({key(r) for r in ra}) == 18  # no duplicate, none missing
+    assert len(ra) == len({key(r) for r in ra}) == 60  # no duplicate, none missing
     assert {key(r): r["raw_score"] for r in ra} == pytest.approx({key(r): r["raw_score"] for r in rb})
     assert {key(r): r["decision"] for r in ra} == {key(r): r["decision"] for r in rb}
     assert not list(Path(a).glob("tables/scores/*/parts/*"))  # adopted parts are cleaned up
     merged = list(Path(a).glob("tables/scores/*/*.parquet"))
-    assert len(merged) == 1 and pq.read_table(merged[0]).num_rows == 18
+    assert len(merged) == 1 and pq.read_table(merged[0]).num_rows == 60
