@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -157,7 +158,9 @@ def extract_into(
 ) -> ExtractionReport:
     """Extract features of ``samples`` into the store, computing only what is missing or changed.
 
-    Each batch is committed as it is written, so an interrupted run resumes where it stopped.
+    Files are read and decoded ahead on a thread pool and each batch is written to Zarr on a writer
+    thread while the next batch runs through the backbone. Each batch is committed as it is
+    written, so an interrupted run resumes where it stopped.
     """
     cfg = fstore.cfg
     by_cat: dict[tuple[str, str], list[Sample]] = {}
@@ -165,31 +168,37 @@ def extract_into(
         by_cat.setdefault((s.dataset, s.category), []).append(s)
     extracted = reused = done = 0
     failures: list[tuple[str, str]] = []
-    for (ds, cat), group in by_cat.items():
-        have = fstore.entries(ds, cat)
-        pending: list[tuple[FeatureEntry, np.ndarray]] = []
+    with ThreadPoolExecutor(max_workers=1) as writer:
+        writes: list[Future] = []
+        for (ds, cat), group in by_cat.items():
+            have = fstore.entries(ds, cat)
+            pending: list[tuple[FeatureEntry, np.ndarray]] = []
 
-        def flush() -> None:
-            if pending:
-                feats = extract(extractor, [img for _, img in pending], batch_size)
-                fstore.append(ds, cat, [e for e, _ in pending], feats)
-                pending.clear()
+            def flush() -> None:
+                if pending:
+                    feats = extract(extractor, [img for _, img in pending], batch_size)
+                    if writes:
+                        writes.pop().result()  # one write in flight; appends stay in order
+                    writes.append(writer.submit(fstore.append, ds, cat, [e for e, _ in pending], feats))
+                    pending.clear()
 
-        for item in load_many(group, cfg.data.image_size, cfg.data.max_image_pixels, storage_options):
-            done += 1
-            if isinstance(item, LoadFailure):
-                failures.append((item.sample.url, item.error))
-                continue
-            entry = FeatureEntry(item.sample.image_id, item.sample.url, item.content_hash)
-            old = have.get(entry.id)
-            if old is not None and old.content_hash == entry.content_hash:
-                reused += 1
-            else:
-                pending.append((entry, item.image))
-                extracted += 1
-                if len(pending) >= batch_size:
-                    flush()
-            if progress:
-                progress("extract features", done, len(samples))
-        flush()
+            for item in load_many(group, cfg.data.image_size, cfg.data.max_image_pixels, storage_options):
+                done += 1
+                if isinstance(item, LoadFailure):
+                    failures.append((item.sample.url, item.error))
+                    continue
+                entry = FeatureEntry(item.sample.image_id, item.sample.url, item.content_hash)
+                old = have.get(entry.id)
+                if old is not None and old.content_hash == entry.content_hash:
+                    reused += 1
+                else:
+                    pending.append((entry, item.image))
+                    extracted += 1
+                    if len(pending) >= batch_size:
+                        flush()
+                if progress:
+                    progress("extract features", done, len(samples))
+            flush()
+        for w in writes:
+            w.result()
     return ExtractionReport(len(samples), extracted, reused, tuple(failures))

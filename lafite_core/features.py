@@ -7,7 +7,8 @@ whole batch.
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Iterable, Iterator, Sequence
 
@@ -26,9 +27,13 @@ class LoadFailure:
 
 def load_many(
     samples: Iterable[Sample], size: int, max_pixels: int, storage_options: dict | None = None,
-    workers: int = 4,
+    workers: int = 4, prefetch: int = 48,
 ) -> Iterator[LoadedSample | LoadFailure]:
-    """Loads samples in order; each is a LoadedSample or a LoadFailure with the reason."""
+    """Loads samples in order; each is a LoadedSample or a LoadFailure with the reason.
+
+    At most ``prefetch`` decoded images wait ahead of the consumer, so memory stays bounded
+    however many samples there are.
+    """
 
     def one(s: Sample) -> LoadedSample | LoadFailure:
         try:
@@ -37,7 +42,13 @@ def load_many(
             return LoadFailure(s, f"{type(exc).__name__}: {exc}")
 
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        yield from pool.map(one, samples)
+        window: deque[Future] = deque()
+        for s in samples:
+            window.append(pool.submit(one, s))
+            if len(window) >= prefetch:
+                yield window.popleft().result()
+        while window:
+            yield window.popleft().result()
 
 
 def to_tensor(images: np.ndarray | Sequence[np.ndarray]) -> torch.Tensor:
