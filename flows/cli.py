@@ -183,6 +183,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
           f"{len(summary.categories)} categories ({', '.join(summary.categories)}) at {root / 'data'}")
     store = args.store or str(root / "store")
     overrides = _overrides(args)
+    if not args.epochs:  # the demo set is small and regular: 60 epochs keep the whole demo to minutes
+        overrides.setdefault("diffusion", {}).setdefault("epochs", DEMO_EPOCHS)
     tr = train_flow(TrainParams(data_root=str(root / "data"), profile="cpu", overrides=overrides, store=store,
                                 ray_address=args.ray_address))
     dump = _demo_dump(root / "data" / summary.dataset, root / "dump")
@@ -198,6 +200,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"features:      {store}/features/")
     print(f"done in {(time.perf_counter() - started) / 60:.1f} min")
     return 0
+
+
+DEMO_EPOCHS = 60
 
 
 def _demo_dump(dataset: Path, dump: Path) -> Path:
@@ -221,7 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="generate a small multi-class dataset, train, evaluate and batch-score it")
     d.add_argument("--dir", default="lafite-demo", help="working folder for the demo data and store")
     d.add_argument("--store", default=None, help="artefact store (default: DIR/store)")
-    d.add_argument("--epochs", type=int, default=None, help="override the training epochs")
+    d.add_argument("--epochs", type=int, default=None, help=f"training epochs (default {DEMO_EPOCHS} for the demo)")
     d.add_argument("--set", action="append", metavar="SECTION.FIELD=VALUE", help="override a config field")
     d.add_argument("--ray-address", default=None, help="existing Ray cluster (default: local)")
     d.set_defaults(fn=cmd_demo)
