@@ -189,7 +189,6 @@ def bench_training(cfg, dim: int, sizes: Sizes, device: torch.device):
     bare = sizes.bare_steps / (time.perf_counter() - t0)
     log(f"  training (bare loop): {bare:.2f} steps/s")
     params = sum(p.numel() for p in state.unet.parameters())
-    del bare_state, unet, opt, data
     result = TrainingResult(sizes.batch, (sizes.batch, dim, size, size), params, lib, bare, lib / bare, lib_peak,
                             peak_gb(device))
     return result, state.unet

@@ -102,7 +102,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.model_version:
         ev = evaluate_flow(EvaluateParams(data_root=args.data_root, categories=args.categories, store=store,
                                           model_version=args.model_version, ray_address=args.ray_address))
-        rows += [{**r, "run_id": ev.run_id, "model_version": ev.model_version} for r in ev.rows]
+        rows += ev.rows
         versions.append(ev.model_version)
     else:
         # unified (the paper, default): one model for all categories; --per-category: one model per
@@ -119,8 +119,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                                             overrides=_overrides(args), seed=seed, evaluate=True, store=group_store,
                                             ray_address=args.ray_address, device=args.device))
                 assert tr.evaluation is not None
-                rows += [{**r, "run_id": tr.evaluation.run_id, "model_version": tr.model_version}
-                         for r in tr.evaluation.rows]
+                rows += tr.evaluation.rows
                 versions.append(tr.model_version)
     elapsed = time.perf_counter() - started
     for seed in sorted({r["seed"] for r in rows}):

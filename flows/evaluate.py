@@ -9,7 +9,7 @@ from prefect import flow
 import tasks.runtime  # noqa: F401
 from flows.params import EvaluateParams, new_run_id
 from lafite_core.storage import Store
-from tasks.evaluation import evaluate_categories_task, write_metrics_task
+from tasks.evaluation import evaluate_categories_task, stamp, write_metrics_task
 from tasks.features import discover_task
 from tasks.progress import run_logger
 
@@ -34,8 +34,8 @@ def evaluate_flow(params: EvaluateParams) -> EvaluateOutcome:
     if not categories:
         raise ValueError(f"no category under {params.data_root} has test images to evaluate on")
     log.info("evaluating model %s on %d categories", version, len(categories))
-    rows = evaluate_categories_task(params.store, version, categories, list(params.methods), params.seed,
-                                    params.data_root, params.ray_address)
+    rows = stamp(evaluate_categories_task(params.store, version, categories, list(params.methods), params.seed,
+                                          params.data_root, params.ray_address), run_id, version)
     config_json = store.read_bytes("models", version, "config.json").decode()
     urls = write_metrics_task(params.store, run_id, version, rows, config_json)
     return EvaluateOutcome(run_id, version, urls["metrics"], urls["summary"], rows)

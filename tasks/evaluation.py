@@ -63,15 +63,20 @@ def evaluate_categories_task(store_url: str, version: str, categories: list[Cate
     return rows
 
 
+def stamp(rows: list[dict], run_id: str, version: str) -> list[dict]:
+    """Metric rows with the run id, model version and creation time of the table they go into."""
+    created = datetime.now(timezone.utc)
+    return [{**r, "run_id": run_id, "model_version": version, "created": created} for r in rows]
+
+
 @task(name="write-metrics", cache_policy=NONE, retries=3, retry_delay_seconds=5)
-def write_metrics_task(store_url: str, run_id: str, version: str, rows: list[dict], config_json: str) -> dict[str, str]:
-    """Per-category and summary tables as Parquet; returns their URLs."""
+def write_metrics_task(store_url: str, run_id: str, version: str, full: list[dict], config_json: str) -> dict[str, str]:
+    """Per-category and summary tables (rows already stamped) as Parquet; returns their URLs."""
     import pyarrow as pa
 
     store = Store(store_url)
-    created = datetime.now(timezone.utc)
-    full = [{**r, "run_id": run_id, "model_version": version, "created": created} for r in rows]
-    meta = {"config": config_json, "config_hash": rows[0]["config_hash"] if rows else ""}
+    created = full[0]["created"] if full else datetime.now(timezone.utc)
+    meta = {"config": config_json, "config_hash": full[0]["config_hash"] if full else ""}
     store.write_table(["tables", "metrics", f"{run_id}.parquet"], metrics_table(full), meta)
     summary = [{**asdict(s), "run_id": run_id, "model_version": version, "created": created}
                for s in summarize_metrics(full)]

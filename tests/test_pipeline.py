@@ -1,6 +1,5 @@
 """The in-memory pipeline end to end on real data (skipped without ../shared/data)."""
 
-import numpy as np
 import pytest
 
 from lafite_core.backbone import FeatureExtractor
