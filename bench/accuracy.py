@@ -260,40 +260,34 @@ def curve_section(res: SeedResult) -> tuple[str, dict]:
     """Markdown for one seed's two curves, and the summary of the picks."""
     if not res.searched:
         return f"seed {res.seed}: no search (disabled or no held-out images); tau={res.tau}, K={res.k} from the config", {}
-    if not any(p.split == "test" for p in res.curves):
-        lines = [f"seed {res.seed}: pseudo-validation picked tau={res.tau}, K={res.k}; test curves not computed "
-                 "for this seed (`--curves all` computes them for every seed)", ""]
-        for curve, key, label in (("tau", "tau", "tau (no editing)"), ("k", "k", f"K (editing, tau={res.tau})")):
-            pv = [p for p in res.curves if p.curve == curve and p.split == "pseudo_validation"]
-            chosen = res.tau if curve == "tau" else res.k
-            lines += [f"| {label} | " + " | ".join(str(getattr(p, key)) for p in pv) + " |",
-                      "|---|" + "---|" * len(pv),
-                      "| pseudo-val det. AUROC | " + " | ".join(
-                          f"**{100 * p.image_auroc:.1f}**" if getattr(p, key) == chosen else f"{100 * p.image_auroc:.1f}"
-                          for p in pv) + " |", ""]
-        return "\n".join(lines), {}
+    has_test = any(p.split == "test" for p in res.curves)
     lines = []
     summary = {"seed": res.seed, "chosen_tau": res.tau, "chosen_k": res.k}
     for curve, key, label in (("tau", "tau", "tau (no editing)"), ("k", "k", f"K (editing, tau={res.tau})")):
         pv = [p for p in res.curves if p.curve == curve and p.split == "pseudo_validation"]
-        te = [p for p in res.curves if p.curve == curve and p.split == "test"]
         chosen = res.tau if curve == "tau" else res.k
-        test_best = best(te, key)
-        te_at = {getattr(p, key): p.image_auroc for p in te}
-        summary[f"test_best_{key}"] = test_best
-        # ties count as agreement: the pick is right when it reaches the test curve's maximum
-        summary[f"{key}_agree"] = te_at.get(chosen, float("nan")) >= te_at.get(test_best, float("nan")) - 1e-12
-        summary[f"test_auroc_at_chosen_{key}"] = te_at.get(chosen)
-        summary[f"test_auroc_at_best_{key}"] = te_at.get(test_best)
         lines += [f"| {label} | " + " | ".join(str(getattr(p, key)) for p in pv) + " |",
                   "|---|" + "---|" * len(pv),
                   "| pseudo-val det. AUROC | " + " | ".join(
                       f"**{100 * p.image_auroc:.1f}**" if getattr(p, key) == chosen else f"{100 * p.image_auroc:.1f}"
-                      for p in pv) + " |",
-                  "| test det. AUROC | " + " | ".join(
-                      f"**{100 * te_at[getattr(p, key)]:.1f}**" if getattr(p, key) == test_best
-                      else f"{100 * te_at[getattr(p, key)]:.1f}" for p in pv) + " |",
-                  ""]
+                      for p in pv) + " |"]
+        if has_test:
+            te = [p for p in res.curves if p.curve == curve and p.split == "test"]
+            test_best = best(te, key)
+            te_at = {getattr(p, key): p.image_auroc for p in te}
+            summary[f"test_best_{key}"] = test_best
+            # ties count as agreement: the pick is right when it reaches the test curve's maximum
+            summary[f"{key}_agree"] = te_at.get(chosen, float("nan")) >= te_at.get(test_best, float("nan")) - 1e-12
+            summary[f"test_auroc_at_chosen_{key}"] = te_at.get(chosen)
+            summary[f"test_auroc_at_best_{key}"] = te_at.get(test_best)
+            lines.append("| test det. AUROC | " + " | ".join(
+                f"**{100 * te_at[getattr(p, key)]:.1f}**" if getattr(p, key) == test_best
+                else f"{100 * te_at[getattr(p, key)]:.1f}" for p in pv) + " |")
+        lines.append("")
+    if not has_test:
+        verdict = (f"seed {res.seed}: pseudo-validation picked tau={res.tau}, K={res.k}; test curves not computed "
+                   "for this seed (`--curves all` computes them for every seed)")
+        return "\n".join([verdict, "", *lines]), {}
     verdict = (f"seed {res.seed}: pseudo-validation picked tau={res.tau}, K={res.k}; the test set would pick "
                f"tau={summary['test_best_tau']}, K={summary['test_best_k']} (at the chosen tau; ties to the "
                f"earlier grid entry) -> "
