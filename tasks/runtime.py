@@ -8,6 +8,10 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
+import threading
+from concurrent.futures import Future
+from collections.abc import Callable
 
 log = logging.getLogger(__name__)
 
@@ -49,9 +53,51 @@ def ray_init(address: str | None = None, num_cpus: int | None = None) -> None:
         ray.init(address=address, runtime_env=env, logging_level=logging.WARNING)
     else:
         cpus = num_cpus or int(os.environ.get("LAFITE_RAY_CPUS", os.cpu_count() or 1))
-        ray.init(address="local", include_dashboard=False, num_cpus=cpus, runtime_env=env,
-                 logging_level=logging.WARNING, _node_ip_address="127.0.0.1")
+
+        def start() -> None:
+            if ray.is_initialized():  # another thread started it meanwhile
+                return
+            ray.init(address="local", include_dashboard=False, num_cpus=cpus, runtime_env=env,
+                     logging_level=logging.WARNING, _node_ip_address="127.0.0.1")
+
+        if threading.current_thread() is threading.main_thread():
+            start()
+        else:
+            _in_head_thread(start)
         log.info("started local Ray with %d CPUs on 127.0.0.1", cpus)
+
+
+_head_lock = threading.Lock()
+_head_queue: queue.SimpleQueue | None = None
+
+
+def _in_head_thread(fn: Callable[[], None]) -> None:
+    """Run ``fn`` in a daemon thread that lives as long as the process.
+
+    Ray starts a local head's processes (GCS, raylet) with ``PR_SET_PDEATHSIG``, which Linux fires when
+    the *thread* that started them exits, not the process: a local Ray started from a Prefect task's
+    worker thread (or any short-lived thread) is killed under the driver when that thread ends, and
+    the driver then exits at its next Ray call. Starting it from a thread that never ends avoids that.
+    """
+    global _head_queue
+    with _head_lock:
+        if _head_queue is None:
+            _head_queue = queue.SimpleQueue()
+            threading.Thread(target=_head_loop, args=(_head_queue,), name="lafite-ray-head", daemon=True).start()
+    done: Future = Future()
+    _head_queue.put((fn, done))
+    done.result()
+
+
+def _head_loop(jobs: queue.SimpleQueue) -> None:
+    while True:
+        fn, done = jobs.get()
+        try:
+            fn()
+        except BaseException as exc:  # handed to the caller, re-raised there
+            done.set_exception(exc)
+        else:
+            done.set_result(None)
 
 
 def use_assigned_cpus() -> int:
