@@ -10,8 +10,8 @@ import logging
 import os
 import queue
 import threading
-from concurrent.futures import Future
 from collections.abc import Callable
+from concurrent.futures import Future
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +78,7 @@ def _in_head_thread(fn: Callable[[], None]) -> None:
     the *thread* that started them exits, not the process: a local Ray started from a Prefect task's
     worker thread (or any short-lived thread) is killed under the driver when that thread ends, and
     the driver then exits at its next Ray call. Starting it from a thread that never ends avoids that.
+    (Not a ThreadPoolExecutor: its threads are joined at exit before Ray's own atexit shutdown runs.)
     """
     global _head_queue
     with _head_lock:
