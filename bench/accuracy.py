@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import json
 import logging
 import sys
@@ -42,12 +41,13 @@ from lafite_core.backbone import FeatureExtractor
 from lafite_core.config import PipelineConfig, config_hash, load_profile
 from lafite_core.data import Category, LoadedSample, discover, read_bytes
 from lafite_core.features import extract
-from lafite_core.metrics import CategoryMetrics, auroc, mean_std_over_seeds, summarize
+from lafite_core.metrics import auroc, mean_std_over_seeds, summarize
 from lafite_core.model import Scorer
-from lafite_core.pipeline import CategoryScores, fit, image_seed, load_all, metrics_for
+from lafite_core.pipeline import fit
+from lafite_core.stages import CategoryScores, image_seed, load_all, measure
 from lafite_core.scoring import METHODS, AnomalyMaps
-from lafite_core.storage import Store
-from lafite_core.tables import METRIC_COLUMNS, metrics_table
+from lafite_core.storage import Store, content_hash
+from lafite_core.tables import metrics_table
 
 log = logging.getLogger("bench.accuracy")
 
@@ -101,10 +101,6 @@ def subset(c: Category, max_train: int | None, max_test: int | None) -> Category
     return dataclasses.replace(c, train=evenly(c.train, max_train), test=evenly(c.test, max_test))
 
 
-def sha256_file(url: str) -> str:
-    return hashlib.sha256(read_bytes(url)).hexdigest()
-
-
 def load_test_sets(categories: list[Category], cfg: PipelineConfig, extractor: FeatureExtractor) -> list[TestSet]:
     out = []
     for c in categories:
@@ -114,7 +110,7 @@ def load_test_sets(categories: list[Category], cfg: PipelineConfig, extractor: F
         loaded, failures = load_all(c.test, cfg)
         for f in failures:
             log.warning("unreadable test image left out: %s", f.error)
-        train_hashes = {sha256_file(s.url) for s in c.train}
+        train_hashes = {content_hash(read_bytes(s.url)) for s in c.train}
         overlap = sum(s.content_hash in train_hashes for s in loaded)
         if overlap:
             log.warning("%s: %d test images are byte-identical to train/good images; its figures are not "
@@ -166,10 +162,10 @@ def run_seed(categories: list[Category], tests: list[TestSet], cfg: PipelineConf
     cached: dict[str, list[AnomalyMaps]] = {}
     curves: list[CurvePoint] = []
     t = time.perf_counter()
-    if sel is not None:
+    if sel.searched:
         for p in sel.search.points:
             curves.append(CurvePoint(p.stage, "pseudo_validation", p.tau, p.k, p.image_auroc, p.pixel_auroc))
-    if sel is not None and test_curves:
+    if sel.searched and test_curves:
         for tau in cfg.search.taus:
             outs = [scorer.score(ts.features, "lafite_no_edit", sd, tau=tau) for ts, sd in zip(tests, seeds)]
             curves.append(CurvePoint("tau", "test", tau, None, mean_image_auroc(tests, outs), None))
@@ -191,16 +187,11 @@ def run_seed(categories: list[Category], tests: list[TestSet], cfg: PipelineConf
     for i, ts in enumerate(tests):
         cs = CategoryScores(ts.category, ts.loaded, {m: cached[m][i].scores.numpy() for m in METHODS},
                             {m: cached[m][i].maps.numpy() for m in METHODS})
-        for method in METHODS:
-            m: CategoryMetrics = metrics_for(cs, method)
-            rows.append({"run_id": None, "model_version": None, "dataset": ts.category.dataset,
-                         "category": ts.category.name, "method": method,
-                         **{c: getattr(m, c) for c in METRIC_COLUMNS}, "num_images": len(ts.loaded),
-                         "num_failed": len(ts.category.test) - len(ts.loaded), "seed": cfg.seed,
-                         "config_hash": config_hash(cfg), "created": datetime.now(timezone.utc)})
+        for r in measure(cs, METHODS, model.config, len(ts.category.test) - len(ts.loaded)):
+            rows.append({"run_id": None, "model_version": None, **r.record(), "created": datetime.now(timezone.utc)})
     timings["test_scoring_and_metrics"] = time.perf_counter() - t
     timings["seed_total"] = time.perf_counter() - t0
-    return SeedResult(cfg.seed, cfg, rows, curves, model.tau, model.k, sel is not None, timings)
+    return SeedResult(cfg.seed, cfg, rows, curves, model.tau, model.k, sel.searched, timings)
 
 
 # --------------------------------------------------------------------------- Markdown

@@ -58,11 +58,11 @@ def machine() -> Machine:
 
 def parse_set(assignments: Sequence[str] | None) -> dict[str, dict[str, Any]]:
     """``["diffusion.epochs=5", ...]`` -> nested config updates, parsed exactly as the CLI's ``--set``."""
-    from flows.cli import _set_override
+    from flows.cli import set_override
 
     out: dict[str, dict[str, Any]] = {}
     for a in assignments or []:
-        _set_override(out, a)
+        set_override(out, a)
     return out
 
 

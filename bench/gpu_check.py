@@ -142,7 +142,7 @@ class TrainingResult:
 
 def bench_training(cfg, dim: int, sizes: Sizes, device: torch.device):
     """steps/s through train_unet (second epoch) and through a bare loop with GPU-side randomness."""
-    from lafite_core.schedule import cosine_schedule
+    from lafite_core.schedule import add_noise, cosine_schedule
     from lafite_core.train import new_state, train_unet
 
     size = cfg.backbone.feature_size
@@ -171,8 +171,7 @@ def bench_training(cfg, dim: int, sizes: Sizes, device: torch.device):
     def step() -> None:
         t = torch.randint(0, dcfg.timesteps, (sizes.batch,), generator=g, device=device)
         eps = torch.randn(data.shape, generator=g, device=device)
-        a = ab[t].view(-1, 1, 1, 1)
-        loss = F.mse_loss(unet(a.sqrt() * data + (1 - a).sqrt() * eps, t), eps)
+        loss = F.mse_loss(unet(add_noise(data, eps, ab[t]), t), eps)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

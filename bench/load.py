@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -29,14 +28,14 @@ HERE = Path(__file__).resolve().parent
 PROJECT = HERE.parent
 sys.path.insert(0, str(PROJECT))
 
-from bench.common import machine  # noqa: E402
+from bench.common import machine  # noqa: E402  (also applies tasks.runtime's Ray/Prefect environment)
 
 LAFITE = str(Path(sys.executable).with_name("lafite"))
 
 
 def make_dump(folder: Path, n: int, size: int = 64) -> None:
     """n small PNGs from the demo generator (normal and defective parts of three kinds)."""
-    from lafite_core.demo_data import CATEGORIES, DEFECTS, render
+    from flows.demo_data import CATEGORIES, DEFECTS, render
 
     for cat in CATEGORIES:
         (folder / cat).mkdir(parents=True, exist_ok=True)
@@ -79,7 +78,7 @@ class MemorySampler(threading.Thread):
 
 
 def train_model(store: str, data: Path) -> None:
-    from lafite_core.demo_data import DemoSpec, generate_demo_dataset
+    from flows.demo_data import DemoSpec, generate_demo_dataset
 
     generate_demo_dataset(data, DemoSpec(train_per_category=10, test_good_per_category=2, test_defect_per_type=1))
     subprocess.run([LAFITE, "train", "--data-root", str(data), "--store", store, "--no-evaluate", "--epochs", "10"],
@@ -119,7 +118,7 @@ def main() -> None:
             print(f"scoring {n} images ...", flush=True)
             r = {"images": n, **score(store, dump, Path(tmp) / f"score-{n}.log")}
             from lafite_core.storage import Store
-            from tasks.scoring import read_score_tables
+            from lafite_core.ledger import read_score_tables
 
             s = Store(store)
             rows = read_score_tables(s, s.list_versions()[-1].version)
@@ -146,5 +145,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     main()

@@ -91,7 +91,7 @@ def timed(fn, *args, **kwargs) -> tuple[float, object]:
 def find_categories(data_root: str | None, tmp: Path):
     """Real categories (default: ../shared/data/mpdd), else a generated demo set under ``tmp``."""
     from lafite_core.data import discover
-    from lafite_core.demo_data import generate_demo_dataset
+    from flows.demo_data import generate_demo_dataset
 
     root = data_root or (str(SHARED_DATA / "mpdd") if (SHARED_DATA / "mpdd").is_dir() else None)
     if root is None:
@@ -116,7 +116,7 @@ class ExtractionResult:
 def bench_extraction(categories, cfg, extractor, sizes: Sizes, tmp: Path) -> ExtractionResult:
     from lafite_core.feature_store import FeatureStore, extract_into
     from lafite_core.features import to_tensor
-    from lafite_core.pipeline import backbone_card, load_all
+    from lafite_core.stages import backbone_card, load_all
     from lafite_core.storage import Store
 
     samples = [s for c in categories for s in (*c.train, *c.test)]
@@ -235,7 +235,7 @@ def coreset_child(n: int, threads: int) -> None:
     centres = (rng.standard_normal((2048, DIM)) * 2).astype(np.float32)
     feats = clustered(n, rng, centres, block=16_384)
     n_groups = max(1, math.ceil(n / MVTEC_CATEGORY_PATCHES))
-    # string category keys, repeated per patch, as pipeline.build_bank passes them
+    # string category keys, repeated per patch, as stages.build_bank passes them
     names = np.array([f"mvtec/category{g:02d}" for g in range(n_groups)])
     groups = np.repeat(names, np.diff(np.linspace(0, n, n_groups + 1).round().astype(int)))
     t, core = timed(select_coreset, feats, CoresetConfig(), 0, groups=groups, device="cpu")
@@ -279,10 +279,10 @@ class Trained:
 
 def trained_model(args, categories, sizes: Sizes, extractor, tmp: Path) -> Trained:
     """A published cpu-profile model: loaded from ``--store``, or fitted here for a few epochs."""
-    from lafite_core.config import config_hash, cpu_profile
-    from lafite_core.pipeline import fit
+    from lafite_core.config import cpu_profile
+    from lafite_core.pipeline import fit, publish
+    from lafite_core.stages import load_published
     from lafite_core.storage import Store
-    from tasks.model import CALIBRATION_FILE, load_published
 
     if args.store:
         store = Store(args.store)
@@ -296,11 +296,8 @@ def trained_model(args, categories, sizes: Sizes, extractor, tmp: Path) -> Train
     n_train = sum(len(c.train) for c in categories)
     log(f"  fitting a cpu-profile model ({cfg.diffusion.epochs} epochs, {n_train} train images) to score with")
     fitted = fit(categories, cfg, extractor, progress=Ticker())
-    assert fitted.selection is not None
-    files = fitted.model.to_files()
-    files[CALIBRATION_FILE] = json.dumps(fitted.selection.calibration.to_json()).encode()
     store_url = str(tmp / "store")
-    version = Store(store_url).publish_model(files, config_hash(cfg)).version
+    version = publish(Store(store_url), fitted).version
     return Trained(fitted.model, store_url, version,
                    f"cpu profile fitted here: {cfg.diffusion.epochs} epochs on {n_train} train images "
                    f"(speed only; not a useful detector)")
@@ -322,7 +319,7 @@ class ScoringResult:
 def bench_scoring(trained: Trained, categories, extractor, sizes: Sizes) -> list[ScoringResult]:
     from lafite_core.features import extract
     from lafite_core.model import Scorer
-    from lafite_core.pipeline import image_seed, load_all
+    from lafite_core.stages import image_seed, load_all
 
     model = trained.model
     tests = [s for c in categories for s in c.test][: sizes.scoring_images]
@@ -487,7 +484,7 @@ def markdown(res: dict, quick: bool) -> str:
         per = [r["seconds_per_million"] for r in c if r["torch_threads"] == c[0]["torch_threads"]]
         out += ["## Coreset construction (default CoresetConfig)", "",
                 "Clustered random 192-d patches in MVTec-size groups (240 images x 1,024 patches), string "
-                "group keys as pipeline.build_bank passes them; one child process per size; peak RSS growth = "
+                "group keys as stages.build_bank passes them; one child process per size; peak RSS growth = "
                 "peak RSS - resident memory before the input was made (so it includes the input).", "",
                 "| patches | torch threads | groups | chunks | selected | s | s per million | input GB | "
                 "peak RSS growth GB |",

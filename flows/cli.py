@@ -11,11 +11,13 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import tasks.runtime  # noqa: F401  (environment first)
+from lafite_core.config import PROFILES
+from lafite_core.scoring import METHODS
 
 log = logging.getLogger("lafite")
 
 
-def _set_override(overrides: dict[str, Any], assignment: str) -> None:
+def set_override(overrides: dict[str, Any], assignment: str) -> None:
     """'diffusion.epochs=50' -> overrides['diffusion']['epochs'] = 50 (value parsed as JSON if it can be)."""
     key, sep, raw = assignment.partition("=")
     if not sep or "." not in key:
@@ -33,7 +35,7 @@ def _set_override(overrides: dict[str, Any], assignment: str) -> None:
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for a in args.set or []:
-        _set_override(out, a)
+        set_override(out, a)
     if getattr(args, "epochs", None):
         out.setdefault("diffusion", {})["epochs"] = args.epochs
     return out
@@ -47,7 +49,7 @@ def _add_common(p: argparse.ArgumentParser, store_default: str | None = None) ->
 
 
 def _add_training(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--profile", choices=["cpu", "paper"], default="cpu",
+    p.add_argument("--profile", choices=sorted(PROFILES), default="cpu",
                    help="cpu: EfficientNet-Lite0 + small U-Net, minutes on a CPU; paper: the paper's settings, for a GPU")
     p.add_argument("--categories", nargs="+", default=None,
                    help="only these categories (name or dataset/category); default: all under the root")
@@ -154,6 +156,8 @@ def cmd_score(args: argparse.Namespace) -> int:
 
 
 def cmd_versions(args: argparse.Namespace) -> int:
+    from lafite_core import layout
+    from lafite_core.stages import CARD_FILE
     from lafite_core.storage import Store
 
     store = Store(_store(args))
@@ -162,7 +166,7 @@ def cmd_versions(args: argparse.Namespace) -> int:
         print(f"no complete model version in {store.root_url}")
         return 1
     for v in versions:
-        card = json.loads(store.read_bytes("models", v.version, "model_card.json"))
+        card = json.loads(store.read_bytes(*layout.model_file(v.version, CARD_FILE)))
         print(f"{v.version}  created {v.created}  config {v.config_hash}  tau={card['tau']} K={card['k']}  "
               f"categories: {', '.join(card['categories'])}")
     print(f"latest: {versions[-1].version}")
@@ -173,7 +177,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from flows.batch_score import batch_score_flow
     from flows.params import ScoreParams, TrainParams
     from flows.train import train_flow
-    from lafite_core.demo_data import generate_demo_dataset
+    from flows.demo_data import generate_demo_dataset
 
     root = Path(args.dir).resolve()
     started = time.perf_counter()
@@ -254,7 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--model-version", default=None, help="default: the latest complete version")
     s.add_argument("--heatmaps", action="store_true", help="also write heat-map overlays as PNG")
     s.add_argument("--shard-size", type=int, default=64, help="images per Ray task")
-    s.add_argument("--method", choices=["lafite", "lafite_no_edit", "patchcore"], default="lafite",
+    s.add_argument("--method", choices=list(METHODS), default="lafite",
                    help="scoring method (decisions are calibrated for lafite)")
     s.add_argument("--stale-after", type=float, default=900.0, metavar="SECONDS",
                    help="rows of a run silent this long come from a crashed run and are merged into this one")

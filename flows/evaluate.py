@@ -8,6 +8,8 @@ from prefect import flow
 
 import tasks.runtime  # noqa: F401
 from flows.params import EvaluateParams, new_run_id
+from lafite_core import layout
+from lafite_core.stages import CONFIG_FILE
 from lafite_core.storage import Store
 from tasks.evaluation import evaluate_categories_task, stamp, write_metrics_task
 from tasks.features import discover_task
@@ -36,6 +38,6 @@ def evaluate_flow(params: EvaluateParams) -> EvaluateOutcome:
     log.info("evaluating model %s on %d categories", version, len(categories))
     rows = stamp(evaluate_categories_task(params.store, version, categories, list(params.methods), params.seed,
                                           params.data_root, params.ray_address), run_id, version)
-    config_json = store.read_bytes("models", version, "config.json").decode()
+    config_json = store.read_bytes(*layout.model_file(version, CONFIG_FILE)).decode()
     urls = write_metrics_task(params.store, run_id, version, rows, config_json)
     return EvaluateOutcome(run_id, version, urls["metrics"], urls["summary"], rows)

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import os
 from datetime import datetime, timezone
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from lafite_core.config import PipelineConfig, load_profile
-from lafite_core.scoring import METHODS
+from lafite_core.config import PipelineConfig, Profile, load_profile
+from lafite_core.scoring import METHODS, Method
 
 
 def default_store() -> str:
@@ -32,7 +32,7 @@ class _Params(BaseModel):
 class TrainParams(_Params):
     data_root: str = Field(..., description="MVTec-layout root: folder or s3:// prefix")
     categories: list[str] | None = Field(None, description="category names (or dataset/category); default all")
-    profile: Literal["cpu", "paper"] = "cpu"
+    profile: Profile = "cpu"
     overrides: dict[str, Any] = Field(
         default_factory=dict, description='nested config updates, e.g. {"diffusion": {"epochs": 50}}'
     )
@@ -50,7 +50,7 @@ class EvaluateParams(_Params):
     data_root: str
     categories: list[str] | None = None
     model_version: str | None = Field(None, description="default: the latest complete version")
-    methods: list[Literal["lafite", "lafite_no_edit", "patchcore"]] = Field(default_factory=lambda: list(METHODS))
+    methods: list[Method] = Field(default_factory=lambda: list(METHODS))
     seed: int | None = Field(None, description="recorded seed; defaults to the model's")
 
 
@@ -59,7 +59,7 @@ class ScoreParams(_Params):
     model_version: str | None = None
     shard_size: int = Field(64, ge=1, description="images per Ray task")
     heatmaps: bool = Field(False, description="write heat-map overlays as PNG")
-    method: Literal["lafite", "lafite_no_edit", "patchcore"] = "lafite"
+    method: Method = "lafite"
     stale_after_s: float = Field(
         900.0, ge=0, description="parts of a run silent this long are from a crashed run and are adopted"
     )

@@ -10,7 +10,7 @@ import tasks.runtime  # noqa: F401
 from flows.evaluate import EvaluateOutcome, evaluate_flow
 from flows.params import EvaluateParams, TrainParams, new_run_id
 from lafite_core.config import config_hash
-from lafite_core.pipeline import split_categories, trainable
+from lafite_core.stages import plan_training
 from tasks.features import discover_task, extract_features_task
 from tasks.model import publish_task, select_task
 from tasks.progress import run_logger
@@ -35,22 +35,14 @@ def train_flow(params: TrainParams) -> TrainOutcome:
     cfg = params.config()
     run_id = params.run_id or new_run_id("train")
     log.info("run %s: profile %s, config %s, store %s", run_id, params.profile, config_hash(cfg), params.store)
-    categories, skipped = trainable(discover_task(params.data_root, params.categories))
-    fit_samples, holdout = split_categories(categories, cfg)
-    extraction = extract_features_task(params.store, cfg.to_json(), fit_samples + holdout, params.data_root)
-    if extraction.readable == 0:
-        raise ValueError("no training image could be read; see the warnings above")
-    trained = train_task(params.store, cfg.to_json(), fit_samples, run_id, [c.key for c in categories],
-                         extraction.backbone, params.device, params.ray_address)
-    selection = select_task(params.store, run_id, holdout, fit_samples, params.data_root)
-    version = publish_task(params.store, run_id, {
-        "trained_epochs": trained.epochs, "final_loss": trained.final_loss, "device": trained.device,
-        "train_images": trained.train_images,
-        "unreadable_train_images": [{"url": u, "error": e} for u, e in extraction.report.failures],
-        "skipped_categories": skipped,
-    })
+    plan = plan_training(discover_task(params.data_root, params.categories), cfg)
+    extraction = extract_features_task(params.store, cfg.to_json(), plan.fit + plan.holdout, params.data_root)
+    trained = train_task(params.store, cfg.to_json(), plan, run_id, extraction.backbone,
+                         list(extraction.report.failures), params.device, params.ray_address)
+    selection = select_task(params.store, run_id, plan, params.data_root)
+    version = publish_task(params.store, run_id, trained.summary)
     evaluation = None
-    labelled = [c for c in categories if c.test]
+    labelled = [c for c in plan.categories if c.test]
     if params.evaluate and labelled:
         evaluation = evaluate_flow(EvaluateParams(
             data_root=params.data_root, categories=params.categories, model_version=version.version,

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+from typing import Callable, Literal, get_args
+
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
@@ -209,7 +211,9 @@ def cpu_profile() -> PipelineConfig:
     )
 
 
-PROFILES = {"paper": paper_profile, "cpu": cpu_profile}
+Profile = Literal["cpu", "paper"]
+PROFILES: dict[Profile, Callable[[], PipelineConfig]] = {"paper": paper_profile, "cpu": cpu_profile}
+assert set(get_args(Profile)) == set(PROFILES), "Profile must name exactly the PROFILES"
 
 
 def load_profile(name: str) -> PipelineConfig:

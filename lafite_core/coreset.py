@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from lafite_core.config import CoresetConfig
+from lafite_core.knn import squared_distances
 
 
 class Coreset(NamedTuple):
@@ -68,7 +69,7 @@ def greedy_kcenter(points: torch.Tensor, n_select: int, start: int) -> torch.Ten
     for i in range(n_select):
         selected[i] = idx
         c = points[idx]
-        d = sq - 2 * (points @ c) + sq[idx]
+        d = squared_distances(points, c, sq, sq[idx])
         torch.minimum(min_d, d, out=min_d)
         min_d[idx] = -1.0  # a chosen centre is never chosen again, even with duplicate points
         idx = int(torch.argmax(min_d))
@@ -117,7 +118,6 @@ def covering_radius(points: np.ndarray, centre_rows: np.ndarray, batch: int = 81
     c_sq = (c * c).sum(1)
     worst = 0.0
     for s in range(0, x.shape[0], batch):
-        q = x[s : s + batch]
-        d = (q * q).sum(1, keepdim=True) - 2 * q @ c.T + c_sq[None]
+        d = squared_distances(x[s : s + batch], c, b_sq=c_sq)
         worst = max(worst, float(d.min(1).values.clamp_min(0).max()))
     return math.sqrt(worst)

@@ -12,18 +12,18 @@ holding categories, or be a single category folder itself.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import posixpath
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, Sequence
 
 import fsspec
 import numpy as np
 from fsspec.core import url_to_fs
 
 from lafite_core.images import DEFAULT_MAX_BYTES, IMAGE_EXTENSIONS, ImageDecodeError, decode_image, decode_mask
+from lafite_core.storage import RetryPolicy, content_hash, fs_protocol
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +53,11 @@ class Sample:
         """Unique within a store: dataset/category/split/type/stem."""
         return f"{self.dataset}/{self.category}/{self.split}/{self.defect_type}/{self.stem}"
 
+    @property
+    def category_key(self) -> str:
+        """"dataset/category", the key models and tables use for a category."""
+        return f"{self.dataset}/{self.category}"
+
 
 @dataclass(frozen=True)
 class Category:
@@ -74,17 +79,20 @@ class Category:
         return f"{self.dataset}/{self.name}"
 
 
+def by_category(samples: Sequence[Sample]) -> dict[tuple[str, str], list[Sample]]:
+    """Samples grouped by (dataset, category), in first-seen order, keeping their order within."""
+    out: dict[tuple[str, str], list[Sample]] = {}
+    for s in samples:
+        out.setdefault((s.dataset, s.category), []).append(s)
+    return out
+
+
 def _join(fs: fsspec.AbstractFileSystem, path: str, *parts: str) -> str:
     return posixpath.join(path, *parts) if fs.sep == "/" else fs.sep.join([path, *parts])
 
 
 def _url(fs: fsspec.AbstractFileSystem, path: str) -> str:
-    return fs.unstrip_protocol(path) if _protocol(fs) != "file" else path
-
-
-def _protocol(fs: fsspec.AbstractFileSystem) -> str:
-    p = fs.protocol
-    return p[0] if isinstance(p, (tuple, list)) else p
+    return fs.unstrip_protocol(path) if fs_protocol(fs) != "file" else path
 
 
 def _dirs(fs: fsspec.AbstractFileSystem, path: str) -> list[str]:
@@ -101,7 +109,7 @@ def _images(fs: fsspec.AbstractFileSystem, path: str, root: str | None = None) -
         entries = fs.ls(path, detail=True)
     except FileNotFoundError:
         return []
-    local = _protocol(fs) == "file"
+    local = fs_protocol(fs) == "file"
     found = sorted(
         e["name"] for e in entries
         if (e["type"] == "file" or (local and e.get("islink") and os.path.isfile(e["name"])))
@@ -185,11 +193,6 @@ def discover(
     return found
 
 
-def content_hash(data: bytes) -> str:
-    """sha256 of a file's bytes, hex (identifies an image independently of its path)."""
-    return hashlib.sha256(data).hexdigest()
-
-
 @dataclass(frozen=True)
 class LoadedSample:
     sample: Sample
@@ -202,7 +205,6 @@ class LoadedSample:
 
 def read_bytes(url: str, storage_options: dict | None = None, max_bytes: int = DEFAULT_MAX_BYTES) -> bytes:
     """A file's bytes (transient storage errors retried); refuses files over ``max_bytes``."""
-    from lafite_core.storage import RetryPolicy
 
     def read() -> bytes:
         with fsspec.open(url, "rb", **(storage_options or {})) as f:

@@ -21,8 +21,9 @@ import zarr
 
 from lafite_core.backbone import FeatureExtractor
 from lafite_core.config import PipelineConfig, config_hash
-from lafite_core.data import Sample
+from lafite_core.data import Sample, by_category
 from lafite_core.features import LoadFailure, extract, load_many
+from lafite_core import layout
 from lafite_core.storage import Store
 
 ARRAY = "features"
@@ -53,7 +54,7 @@ class FeatureStore:
         self.backbone = backbone or {"name": cfg.backbone.name}
 
     def _url(self, dataset: str, category: str) -> str:
-        return self.store.url("features", self.key, dataset, category)
+        return self.store.url(*layout.features(self.key, dataset, category))
 
     def _open(self, dataset: str, category: str, mode: str) -> zarr.Group:
         url = self._url(dataset, category)
@@ -72,11 +73,6 @@ class FeatureStore:
         except (FileNotFoundError, zarr.errors.GroupNotFoundError):
             return {}
         return {e["id"]: FeatureEntry(**e) for e in g.attrs.get("image_ids", [])}
-
-    def missing(self, dataset: str, category: str, candidates: Sequence[FeatureEntry]) -> list[FeatureEntry]:
-        """The candidates whose id is absent or whose content changed (different hash)."""
-        have = self.entries(dataset, category)
-        return [c for c in candidates if c.id not in have or have[c.id].content_hash != c.content_hash]
 
     def append(self, dataset: str, category: str, new: Sequence[FeatureEntry], features: np.ndarray) -> None:
         """Add rows for ``new`` ([B, D, h, w] features); an id already present is repointed.
@@ -140,6 +136,72 @@ class FeatureStore:
         return np.asarray(data, dtype=np.float32), chosen
 
 
+class MemoryFeatures:
+    """The in-process twin of :class:`FeatureStore`: the same entries/append/read, held in memory.
+
+    ``pipeline.fit`` extracts into one of these through the same :func:`extract_into` as the flows
+    use with a Zarr store, so both paths see the same features in the same order.
+    """
+
+    def __init__(self, cfg: PipelineConfig) -> None:
+        self.cfg = cfg
+        self.key = feature_key(cfg)
+        self._rows: dict[tuple[str, str], dict[str, tuple[FeatureEntry, np.ndarray]]] = {}
+
+    def entries(self, dataset: str, category: str) -> dict[str, FeatureEntry]:
+        return {i: e for i, (e, _) in self._rows.get((dataset, category), {}).items()}
+
+    def append(self, dataset: str, category: str, new: Sequence[FeatureEntry], features: np.ndarray) -> None:
+        if len(new) != features.shape[0]:
+            raise ValueError(f"{len(new)} entries for {features.shape[0]} feature rows")
+        rows = self._rows.setdefault((dataset, category), {})
+        for e, f in zip(new, features.astype(np.float32)):
+            rows[e.id] = (e, f)
+
+    def read(self, dataset: str, category: str, ids: Sequence[str] | None = None) -> tuple[np.ndarray, list[FeatureEntry]]:
+        rows = self._rows.get((dataset, category), {})
+        chosen = list(rows) if ids is None else list(ids)
+        absent = [i for i in chosen if i not in rows]
+        if absent:
+            raise KeyError(f"no features in memory for {dataset}/{category} {absent[:3]}")
+        if not chosen:
+            return np.zeros((0,), np.float32), []
+        return np.stack([rows[i][1] for i in chosen]), [rows[i][0] for i in chosen]
+
+
+FeatureSink = FeatureStore | MemoryFeatures
+"""Where extracted features go: the Zarr store (flows) or memory (``pipeline.fit``)."""
+
+
+@dataclass(frozen=True)
+class TrainingFeatures:
+    """Raw features of the training images [N, D, h, w], their category keys [N] and entries [N]."""
+
+    raw: np.ndarray
+    groups: np.ndarray
+    entries: list[FeatureEntry]
+
+
+def read_training_features(sink: FeatureSink, samples: Sequence[Sample]) -> TrainingFeatures:
+    """Features of ``samples`` that were extracted (unreadable ones are absent), grouped by category.
+
+    Categories come in sorted order, images in the order of ``samples`` within each.
+    """
+    feats, groups, entries = [], [], []
+    for (ds, cat), group in sorted(by_category(samples).items()):
+        have = sink.entries(ds, cat)
+        ids = [s.image_id for s in group if s.image_id in have]
+        if not ids:
+            continue
+        f, e = sink.read(ds, cat, ids)
+        feats.append(f)
+        entries += e
+        groups += [f"{ds}/{cat}"] * len(ids)
+    if not feats:
+        raise ValueError("no training features: every training image failed to load")
+    return TrainingFeatures(np.concatenate(feats), np.array(groups), entries)
+
+
 @dataclass(frozen=True)
 class ExtractionReport:
     total: int
@@ -149,7 +211,7 @@ class ExtractionReport:
 
 
 def extract_into(
-    fstore: FeatureStore,
+    fstore: FeatureSink,
     samples: Sequence[Sample],
     extractor: FeatureExtractor,
     storage_options: dict | None = None,
@@ -163,9 +225,7 @@ def extract_into(
     written, so an interrupted run resumes where it stopped.
     """
     cfg = fstore.cfg
-    by_cat: dict[tuple[str, str], list[Sample]] = {}
-    for s in samples:
-        by_cat.setdefault((s.dataset, s.category), []).append(s)
+    by_cat = by_category(samples)
     extracted = reused = done = 0
     failures: list[tuple[str, str]] = []
     with ThreadPoolExecutor(max_workers=1) as writer:

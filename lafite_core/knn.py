@@ -24,6 +24,22 @@ class KNN(Protocol):
     def search(self, queries: np.ndarray, k: int) -> Neighbours: ...
 
 
+def squared_distances(
+    a: torch.Tensor, b: torch.Tensor, a_sq: torch.Tensor | None = None, b_sq: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Squared L2 distances as one matmul, |a|^2 - 2 a.b + |b|^2: a [N, D], b [M, D] -> [N, M].
+
+    b may be one point [D] (result [N]). ``a_sq`` [N] and ``b_sq`` [M] (or a scalar for one point)
+    are the squared norms when the caller keeps them; computed otherwise. Rounding can make
+    results slightly negative: clamp where that matters.
+    """
+    a_sq = (a * a).sum(1) if a_sq is None else a_sq
+    b_sq = (b * b).sum(-1) if b_sq is None else b_sq
+    if b.ndim == 1:
+        return a_sq - 2 * (a @ b) + b_sq
+    return a_sq[:, None] - 2 * a @ b.T + b_sq[None]
+
+
 def _check(bank: np.ndarray) -> None:
     if bank.ndim != 2 or bank.shape[0] == 0:
         raise ValueError(f"bank must be a non-empty [M, D] array, got shape {bank.shape}")
@@ -90,7 +106,7 @@ class TorchKNN:
                              f"got {tuple(q_all.shape)}, k={k}")
         ds, ids = [], []
         for q in q_all.split(self.chunk):
-            d = (q * q).sum(1, keepdim=True) - 2 * q @ self.bank.T + self.bank_sq[None]
+            d = squared_distances(q, self.bank, b_sq=self.bank_sq)
             v, i = torch.topk(d, k, dim=1, largest=False)
             ds.append(v.clamp_min(0))
             ids.append(i)

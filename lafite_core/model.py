@@ -7,6 +7,7 @@ JSON. Where the files live, and how a version is published atomically, is the st
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 from dataclasses import dataclass, field
@@ -34,23 +35,39 @@ from lafite_core.unet import UNet
 MODEL_FILES = ("unet.pt", "stats.npz", "bank.npy", "model.json")
 
 
-@dataclass
+@dataclass(frozen=True)
 class LafiteModel:
-    """Everything scoring needs. ``bank`` [M, D] holds normalised coreset features."""
+    """Everything scoring needs. ``bank`` [M, D] holds normalised coreset features.
+
+    tau and K live in ``config.scoring`` and nowhere else: the search returns a new model with them
+    set (:meth:`with_hyperparameters`), so the config a version records is the one it scores with.
+    """
 
     config: PipelineConfig
     stats: FeatureStats
     unet: UNet
     bank: np.ndarray
-    tau: int
-    k: int
     categories: tuple[str, ...]
     backbone: dict = field(default_factory=dict)
     extra: dict = field(default_factory=dict)
 
     @property
+    def tau(self) -> int:
+        return self.config.scoring.tau
+
+    @property
+    def k(self) -> int:
+        return self.config.scoring.k
+
+    @property
     def feature_dim(self) -> int:
         return int(self.bank.shape[1])
+
+    def with_hyperparameters(self, tau: int, k: int) -> "LafiteModel":
+        """A copy scoring with ``tau`` and ``k`` (same weights and bank); ``extra`` is copied."""
+        cfg = self.config.with_updates(scoring={"tau": int(tau), "k": int(k)})
+        extra = {**self.extra, "config_hash": config_hash(cfg)}
+        return dataclasses.replace(self, config=cfg, extra=extra)
 
     def to_files(self) -> dict[str, bytes]:
         buf = io.BytesIO()
@@ -84,6 +101,9 @@ class LafiteModel:
         config = PipelineConfig.model_validate(meta["config"])
         if config_hash(config) != meta["config_hash"]:
             raise ValueError("model.json: config does not match its recorded hash")
+        if (config.scoring.tau, config.scoring.k) != (int(meta["tau"]), int(meta["k"])):
+            # versions written before tau and K lived in the config recorded them beside it
+            config = config.with_updates(scoring={"tau": int(meta["tau"]), "k": int(meta["k"])})
         unet = UNet(int(meta["feature_dim"]), int(meta["feature_size"]), config.diffusion)
         state = torch.load(io.BytesIO(files["unet.pt"]), map_location="cpu", weights_only=True)
         unet.load_state_dict(state)
@@ -93,8 +113,6 @@ class LafiteModel:
             stats=FeatureStats.from_bytes(files["stats.npz"]),
             unet=unet.to(device).eval(),
             bank=bank,
-            tau=int(meta["tau"]),
-            k=int(meta["k"]),
             categories=tuple(meta["categories"]),
             backbone=meta.get("backbone", {}),
             extra=meta.get("extra", {}),
@@ -121,7 +139,8 @@ class Scorer:
         """Normalised features [B, D, h, w] -> feature-level errors [B, h, w]."""
         if method not in METHODS:
             raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
-        k = k or self.model.k
+        k = self.model.k if k is None else k
+        tau = self.model.tau if tau is None else tau
         if method == "patchcore":
             d = x0.shape[1]
             queries = x0.permute(0, 2, 3, 1).reshape(-1, d).cpu().numpy()
@@ -131,7 +150,7 @@ class Scorer:
         if method == "lafite":
             editor = lambda x: edit_features(x, self.model.bank, self.knn, k)  # noqa: E731
         return lafite_errors(
-            x0, self.model.unet, self.sampler, tau or self.model.tau,
+            x0, self.model.unet, self.sampler, tau,
             self.model.config.scoring.ddim_steps, seeds, editor,
         )
 

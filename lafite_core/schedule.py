@@ -45,15 +45,24 @@ class NoiseSchedule:
         return float(self.alphas_cumprod[t])
 
     def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor | int) -> torch.Tensor:
-        """Forward process q(x_t | x_0) (eq. 3, 8): sqrt(ab_t) x0 + sqrt(1 - ab_t) eps.
-
-        x0, noise: [B, ...]; t: an int or a [B] tensor of indices.
-        """
+        """``add_noise`` at timestep index ``t``: an int or a [B] tensor of indices; x0, noise: [B, ...]."""
         ab = torch.as_tensor(self.alphas_cumprod, device=x0.device)[torch.as_tensor(t, device=x0.device)]
-        ab = ab.to(x0.dtype)
-        if ab.ndim == 1:
-            ab = ab.view(-1, *([1] * (x0.ndim - 1)))
-        return ab.sqrt() * x0 + (1 - ab).sqrt() * noise
+        return add_noise(x0, noise, ab)
+
+
+def add_noise(x0: torch.Tensor, noise: torch.Tensor, alpha_bar: float | torch.Tensor) -> torch.Tensor:
+    """Forward process q(x_t | x_0) (eq. 3, 8, 11): sqrt(ab_t) x0 + sqrt(1 - ab_t) eps.
+
+    x0, noise: [B, ...]. ``alpha_bar`` is a float (square roots taken in float64, as Python floats)
+    or a 0-d or [B] tensor (cast to x0's dtype first, square roots taken in that dtype; a [B] tensor is
+    broadcast over the other dimensions).
+    """
+    if not isinstance(alpha_bar, torch.Tensor):
+        return math.sqrt(alpha_bar) * x0 + math.sqrt(1 - alpha_bar) * noise
+    ab = alpha_bar.to(x0.dtype)
+    if ab.ndim == 1:
+        ab = ab.view(-1, *([1] * (x0.ndim - 1)))
+    return ab.sqrt() * x0 + (1 - ab).sqrt() * noise
 
 
 def cosine_schedule(num_timesteps: int = 1000, s: float = 0.008) -> NoiseSchedule:

@@ -14,16 +14,16 @@ the maximum of the average-pooled map.
 
 from __future__ import annotations
 
-import math
-from typing import Callable, Literal, NamedTuple, Sequence
+from typing import Callable, Literal, NamedTuple, Sequence, get_args
 
 import torch
 import torch.nn.functional as F
 
 from lafite_core.ddim import DDIMSampler, gaussian_like
+from lafite_core.schedule import add_noise
 
 Method = Literal["lafite", "lafite_no_edit", "patchcore"]
-METHODS: tuple[Method, ...] = ("lafite", "lafite_no_edit", "patchcore")
+METHODS: tuple[Method, ...] = get_args(Method)
 
 
 class AnomalyMaps(NamedTuple):
@@ -86,8 +86,7 @@ def lafite_errors(
     """
     start = editor(x0) if editor is not None else x0
     gens = noise_generators(seeds)
-    ab = sampler.schedule.alpha_bar(tau)
-    x_tau = math.sqrt(ab) * start + math.sqrt(1 - ab) * gaussian_like(start, gens)  # eq. 11
+    x_tau = add_noise(start, gaussian_like(start, gens), sampler.schedule.alpha_bar(tau))  # eq. 11
     x_rec = sampler.reconstruct(eps_model, x_tau, tau, num_steps, gens)
     return reconstruction_error(x0, x_rec)
 

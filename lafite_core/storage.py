@@ -1,24 +1,9 @@
 """The artefact store: one root URL (local folder or ``s3://bucket/prefix``) for everything.
 
-Layout under the root::
-
-    features/<feature_key>/<dataset>/<category>/   Zarr v3 group, array "features" [N, D, h, w]
-                                                  chunked per image; attrs: config_hash,
-                                                  feature_key, backbone, feature_shape, image_ids
-    checkpoints/<run_key>/train_state.pt          resumable U-Net training state
-    models/<version>/...                          unet.pt, stats.npz, bank.npy, model.json,
-                                                  search.parquet, calibration.json, config.json,
-                                                  MANIFEST.json (written last: the version exists
-                                                  only once its manifest does)
-    tables/metrics/<run_id>.parquet               per-category metrics of a run
-    tables/summary/<run_id>.parquet               means and inter-category std of a run
-    tables/scores/<model_version>/<run_id>.parquet    batch-scoring results of a run
-    tables/scores/<model_version>/parts/<run_id>/     per-shard results while a run is going
-    heatmaps/<model_version>/<run_id>/...png      optional heat-map overlays
-
-Every file is written whole or not at all (temporary file and rename locally, a single PUT on
-object storage), and every path component is checked so that names from data (categories, image
-keys) cannot lead outside the root.
+Where each artefact lives under the root is :mod:`lafite_core.layout`'s business. Every file is
+written whole or not at all (temporary file and rename locally, a single PUT on object storage),
+and every path component is checked so that names from data (categories, image keys) cannot lead
+outside the root.
 """
 
 from __future__ import annotations
@@ -42,9 +27,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from fsspec.core import url_to_fs
 
+from lafite_core import layout
+from lafite_core.layout import MANIFEST
+from lafite_core.tables import parquet_bytes
+
 log = logging.getLogger(__name__)
 
-MANIFEST = "MANIFEST.json"
 _BAD_PART = re.compile(r"[\x00-\x1f\x7f/\\]")
 
 
@@ -63,8 +51,15 @@ def safe_part(part: str) -> str:
     return part
 
 
-def sha256(data: bytes) -> str:
+def content_hash(data: bytes) -> str:
+    """sha256 of a file's bytes, hex (identifies an image independently of its path; checks model files)."""
     return hashlib.sha256(data).hexdigest()
+
+
+def fs_protocol(fs: fsspec.AbstractFileSystem) -> str:
+    """The filesystem's protocol name ("file", "s3", ...), the first when it has several."""
+    p = fs.protocol
+    return p[0] if isinstance(p, (tuple, list)) else p
 
 
 def storage_options_from_env(url: str) -> dict[str, Any]:
@@ -145,7 +140,7 @@ class Store:
             raise StoreError(f"cannot open store {root!r}: {exc}") from exc
         self.root = self.root.rstrip("/")
         self.retry = retry or RetryPolicy.from_env()
-        self.local = _protocol(self.fs) == "file"
+        self.local = fs_protocol(self.fs) == "file"
         if self.local:
             os.makedirs(self.root, exist_ok=True)
 
@@ -228,12 +223,7 @@ class Store:
 
     def write_table(self, parts: Iterable[str], table: pa.Table, metadata: dict[str, str] | None = None) -> str:
         """Parquet, written whole; ``metadata`` goes into the schema metadata (config JSON, hash)."""
-        if metadata:
-            merged = {**(table.schema.metadata or {}), **{k.encode(): v.encode() for k, v in metadata.items()}}
-            table = table.replace_schema_metadata(merged)
-        buf = io.BytesIO()
-        pq.write_table(table, buf)
-        return self.write_bytes(parts, buf.getvalue())
+        return self.write_bytes(parts, parquet_bytes(table, metadata))
 
     def read_table(self, *parts: str) -> pa.Table:
         return pq.read_table(io.BytesIO(self.read_bytes(*parts)))
@@ -245,26 +235,26 @@ class Store:
         created = datetime.now(timezone.utc)
         version = version or f"v{created.strftime('%Y%m%dT%H%M%S%f')}-{config_hash[:8]}"
         safe_part(version)
-        if self.exists("models", version, MANIFEST):
+        if self.exists(*layout.model_file(version, MANIFEST)):
             raise StoreError(f"model version {version} already exists")
         for name, data in files.items():
-            self.write_bytes(["models", version, safe_part(name)], data)
+            self.write_bytes(layout.model_file(version, safe_part(name)), data)
         manifest = {
             "version": version,
             "created": created.isoformat(),
             "config_hash": config_hash,
-            "files": {name: {"sha256": sha256(data), "bytes": len(data)} for name, data in sorted(files.items())},
+            "files": {name: {"sha256": content_hash(data), "bytes": len(data)} for name, data in sorted(files.items())},
         }
-        self.write_json(["models", version, MANIFEST], manifest)
-        log.info("published model version %s at %s", version, self.url("models", version))
+        self.write_json(layout.model_file(version, MANIFEST), manifest)
+        log.info("published model version %s at %s", version, self.url(*layout.models(), version))
         return ModelVersion(version, manifest["created"], config_hash)
 
     def list_versions(self) -> list[ModelVersion]:
         """Complete versions (those with a manifest), oldest first."""
         out = []
-        for name in self.listdir("models"):
+        for name in self.listdir(*layout.models()):
             try:
-                m = self.read_json("models", name, MANIFEST)
+                m = self.read_json(*layout.model_file(name, MANIFEST))
             except FileNotFoundError:
                 continue
             out.append(ModelVersion(m["version"], m["created"], m["config_hash"]))
@@ -273,7 +263,7 @@ class Store:
     def resolve_version(self, version: str | None = None) -> str:
         """``version`` if complete, else the latest complete version; raises when there is none."""
         if version:
-            if not self.exists("models", version, MANIFEST):
+            if not self.exists(*layout.model_file(version, MANIFEST)):
                 raise IntegrityError(f"model version {version!r} is not a complete version in {self.root_url}")
             return version
         versions = self.list_versions()
@@ -284,22 +274,17 @@ class Store:
     def load_model_files(self, version: str) -> dict[str, bytes]:
         """All files of a version, each checked against the manifest; refuses partial or altered ones."""
         try:
-            manifest = self.read_json("models", version, MANIFEST)
+            manifest = self.read_json(*layout.model_file(version, MANIFEST))
         except FileNotFoundError:
             raise IntegrityError(f"model version {version!r} has no manifest: it is incomplete") from None
         files: dict[str, bytes] = {}
         for name, meta in manifest["files"].items():
             try:
-                data = self.read_bytes("models", version, name)
+                data = self.read_bytes(*layout.model_file(version, name))
             except FileNotFoundError:
                 raise IntegrityError(f"model version {version}: file {name} is missing") from None
-            if len(data) != meta["bytes"] or sha256(data) != meta["sha256"]:
+            if len(data) != meta["bytes"] or content_hash(data) != meta["sha256"]:
                 raise IntegrityError(f"model version {version}: file {name} does not match its checksum")
             files[name] = data
         return files
-
-
-def _protocol(fs: fsspec.AbstractFileSystem) -> str:
-    p = fs.protocol
-    return p[0] if isinstance(p, (tuple, list)) else p
 

@@ -5,10 +5,12 @@ Metrics are fractions in [0, 1]; pixel columns are null where a category has no 
 
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from lafite_core.metrics import mean_std_over_seeds, summarize
 from lafite_core.search import SearchResult
@@ -72,6 +74,16 @@ SEARCH_SCHEMA = pa.schema(
         ("chosen", pa.bool_()),
     ]
 )
+
+
+def parquet_bytes(table: pa.Table, metadata: dict[str, str] | None = None) -> bytes:
+    """A table as Parquet bytes; ``metadata`` goes into the schema metadata (config JSON, hash)."""
+    if metadata:
+        merged = {**(table.schema.metadata or {}), **{k.encode(): v.encode() for k, v in metadata.items()}}
+        table = table.replace_schema_metadata(merged)
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    return buf.getvalue()
 
 
 def metrics_table(rows: Sequence[dict]) -> pa.Table:

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from lafite_core.config import DiffusionConfig
-from lafite_core.schedule import cosine_schedule
+from lafite_core.schedule import add_noise, cosine_schedule
 from lafite_core.unet import UNet
 
 log = logging.getLogger(__name__)
@@ -119,8 +119,7 @@ def train_unet(
             x0 = data[idx.to(device)]
             t = torch.randint(0, cfg.timesteps, (idx.numel(),), generator=g_dev, device=device)
             eps = torch.randn(x0.shape, generator=g_dev, device=device)
-            a = ab[t].view(-1, 1, 1, 1)
-            x_t = a.sqrt() * x0 + (1 - a).sqrt() * eps  # eq. 3 / 8
+            x_t = add_noise(x0, eps, ab[t])  # eq. 3 / 8
             loss = F.mse_loss(state.unet(x_t, t), eps)  # eq. 6
             state.optimizer.zero_grad(set_to_none=True)
             loss.backward()

@@ -9,14 +9,13 @@ from prefect import task
 from prefect.cache_policies import NONE
 
 import tasks.runtime as runtime
+from lafite_core import layout
 from lafite_core.backbone import FeatureExtractor
-from lafite_core.config import config_hash
 from lafite_core.data import Category
 from lafite_core.model import Scorer
-from lafite_core.pipeline import metrics_for, score_category
+from lafite_core.stages import load_published, measure, score_category
 from lafite_core.storage import Store, storage_options_from_env
-from lafite_core.tables import METRIC_COLUMNS, SUMMARY_SCHEMA, metrics_table, summarize_metrics
-from tasks.model import load_published
+from lafite_core.tables import SUMMARY_SCHEMA, metrics_table, summarize_metrics
 from tasks.progress import LogProgress, run_logger, worker_logger
 
 
@@ -25,20 +24,11 @@ def evaluate_category_body(store_url: str, version: str, category: Category, met
     """On a Ray worker: score one category's test set with every method; metric rows and failures."""
     log = worker_logger("lafite.evaluate")
     runtime.use_assigned_cpus()
-    store = Store(store_url)
-    model, _, _ = load_published(store, version)
-    cfg = model.config
-    extractor = FeatureExtractor(cfg.backbone)
-    cs, failures = score_category(Scorer(model), extractor, category, cfg, methods,
+    model, _, _ = load_published(Store(store_url), version)
+    cs, failures = score_category(Scorer(model), FeatureExtractor(model.config.backbone), category, methods,
                                   storage_options_from_env(data_root), LogProgress(log))
-    rows = []
-    for method in methods:
-        m = metrics_for(cs, method)
-        rows.append({"dataset": category.dataset, "category": category.name, "method": method,
-                     **{c: (None if getattr(m, c) is None else float(getattr(m, c))) for c in METRIC_COLUMNS},
-                     "num_images": len(cs.loaded), "num_failed": len(failures),
-                     "seed": cfg.seed if seed is None else seed, "config_hash": config_hash(cfg)})
-    return rows, [(f.sample.url, f.error) for f in failures]
+    rows = measure(cs, methods, model.config, len(failures), seed)
+    return [r.record() for r in rows], [(f.sample.url, f.error) for f in failures]
 
 
 @task(name="evaluate-categories", cache_policy=NONE, retries=1, retry_delay_seconds=10)
@@ -77,12 +67,11 @@ def write_metrics_task(store_url: str, run_id: str, version: str, full: list[dic
     store = Store(store_url)
     created = full[0]["created"] if full else datetime.now(timezone.utc)
     meta = {"config": config_json, "config_hash": full[0]["config_hash"] if full else ""}
-    store.write_table(["tables", "metrics", f"{run_id}.parquet"], metrics_table(full), meta)
+    store.write_table(layout.metrics_table(run_id), metrics_table(full), meta)
     summary = [{**asdict(s), "run_id": run_id, "model_version": version, "created": created}
                for s in summarize_metrics(full)]
-    store.write_table(["tables", "summary", f"{run_id}.parquet"], pa.Table.from_pylist(summary, schema=SUMMARY_SCHEMA),
+    store.write_table(layout.summary_table(run_id), pa.Table.from_pylist(summary, schema=SUMMARY_SCHEMA),
                       meta)
-    urls = {"metrics": store.url("tables", "metrics", f"{run_id}.parquet"),
-            "summary": store.url("tables", "summary", f"{run_id}.parquet")}
+    urls = {"metrics": store.url(*layout.metrics_table(run_id)), "summary": store.url(*layout.summary_table(run_id))}
     run_logger().info("metrics written to %s", urls["metrics"])
     return urls

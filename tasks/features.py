@@ -12,7 +12,7 @@ from lafite_core.backbone import FeatureExtractor
 from lafite_core.config import PipelineConfig
 from lafite_core.data import Category, Sample, discover
 from lafite_core.feature_store import ExtractionReport, FeatureStore, extract_into
-from lafite_core.pipeline import backbone_card
+from lafite_core.stages import backbone_card, require_readable
 from lafite_core.storage import Store, storage_options_from_env
 from tasks.progress import LogProgress, run_logger
 
@@ -33,10 +33,6 @@ class Extraction:
     report: ExtractionReport
     backbone: dict  # name, weight source, level channels
 
-    @property
-    def readable(self) -> int:
-        return self.report.extracted + self.report.reused
-
 
 @task(name="extract-features", cache_policy=NONE, retries=2, retry_delay_seconds=10)
 def extract_features_task(store_url: str, config_json: str, samples: list[Sample], data_root: str) -> Extraction:
@@ -52,4 +48,5 @@ def extract_features_task(store_url: str, config_json: str, samples: list[Sample
              report.reused, len(report.failures))
     for url, error in report.failures:
         log.warning("unreadable image skipped: %s (%s)", url, error)
+    require_readable(report)
     return Extraction(report, card)

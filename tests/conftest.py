@@ -63,7 +63,7 @@ def prefect_harness():
 @pytest.fixture(scope="session")
 def small_demo(tmp_path_factory):
     """A small generated multi-class dataset (3 categories, 6 train / 2 good / 2+2 defect test each)."""
-    from lafite_core.demo_data import DemoSpec, generate_demo_dataset
+    from flows.demo_data import DemoSpec, generate_demo_dataset
 
     root = tmp_path_factory.mktemp("demo")
     spec = DemoSpec(train_per_category=6, test_good_per_category=2, test_defect_per_type=2)

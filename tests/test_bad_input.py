@@ -10,7 +10,8 @@ from corpus import bad_files, write_dataset, write_dump
 from lafite_core.config import cpu_profile
 from lafite_core.data import discover, load_sample
 from lafite_core.images import ImageDecodeError, decode_image
-from lafite_core.pipeline import evaluate, fit, trainable
+from lafite_core.pipeline import evaluate, fit
+from lafite_core.stages import trainable
 
 
 def test_every_bad_file_is_refused_with_its_name_and_every_odd_image_decodes():
@@ -47,7 +48,7 @@ def test_training_skips_what_it_cannot_read_and_evaluation_uses_what_it_can(tmp_
     cfg = cpu_profile().with_updates(**tiny_overrides)
     with caplog.at_level(logging.WARNING):
         result = fit(cats, cfg)
-    refused = {f.sample.url.rsplit("/", 1)[1]: f.error for f in result.failures}
+    refused = {url.rsplit("/", 1)[1]: error for url, error in result.failures}
     expected = {n for n, f in files.items() if not f.valid and n != "link-outside.png"}
     assert set(refused) == expected
     for name, error in refused.items():

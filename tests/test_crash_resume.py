@@ -130,7 +130,7 @@ def test_training_resumes_from_its_checkpoint_and_equals_an_uninterrupted_run(
 
 
 def _all_rows(store: str) -> list[dict]:
-    from tasks.scoring import read_score_tables
+    from lafite_core.ledger import read_score_tables
 
     s = Store(store)
     (version,) = s.list_versions()

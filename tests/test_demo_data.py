@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 from scipy import ndimage
 
-from lafite_core.demo_data import (
+from flows.demo_data import (
     CATEGORIES,
     DEFECTS,
     MARKER,
@@ -22,7 +22,7 @@ from lafite_core.demo_data import (
     generate_demo_dataset,
     render,
 )
-from lafite_core.demo_data import _SCENES  # the scene a defect is drawn on
+from flows.demo_data import _SCENES  # the scene a defect is drawn on
 
 SMALL = DemoSpec(image_size=96, train_per_category=3, test_good_per_category=2, test_defect_per_type=2)
 

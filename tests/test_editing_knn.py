@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from lafite_core.editing import edit_features, editing_weights
-from lafite_core.knn import FaissKNN, TorchKNN
+from lafite_core.knn import FaissKNN, TorchKNN, squared_distances
 
 
 def _bank(m=500, d=12, seed=0):
@@ -21,6 +21,17 @@ def test_faiss_and_torch_agree_with_brute_force():
         np.testing.assert_allclose(nb.distances, np.take_along_axis(brute, expect, 1), rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError):
         FaissKNN(bank).search(q, 501)
+
+
+def test_squared_distances_match_brute_force_for_sets_and_one_point():
+    a, b = torch.from_numpy(_bank(40, 7, 2)), torch.from_numpy(_bank(30, 7, 3))
+    brute = ((a[:, None].double() - b[None].double()) ** 2).sum(-1)
+    d = squared_distances(a, b)
+    assert d.shape == (40, 30)
+    torch.testing.assert_close(d.double(), brute, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(squared_distances(a, b[4]), d[:, 4], rtol=1e-5, atol=1e-5)
+    a_sq, b_sq = (a * a).sum(1), (b * b).sum(1)
+    assert torch.equal(squared_distances(a, b, a_sq, b_sq), d)
 
 
 def test_weights_normalised_and_ordered():

@@ -111,4 +111,15 @@ def test_discover_real_mpdd(shared_data):
     assert (len(c.train), sum(s.label == 0 for s in c.test), sum(s.label for s in c.test)) == (54, 26, 71)
     assert all(s.mask_url for s in c.test if s.label) and not c.missing_masks
     cats = discover(str(shared_data))
-    assert {x.key for x in cats} == {"mpdd/metal_plate", "glass_ind/glass"}
+    assert {x.key for x in cats} == {"mpdd/metal_plate", "glass_ind/glass", "magnetic_tile/magnetic_tile"}
+
+
+def test_discover_real_magnetic_tile(shared_data):
+    """Five defect types, every defect with a mask; images of varying size are resized on load."""
+    if not (shared_data / "magnetic_tile").is_dir():
+        pytest.skip(f"magnetic_tile not found under {shared_data}")
+    (c,) = discover(str(shared_data / "magnetic_tile"))
+    assert c.key == "magnetic_tile/magnetic_tile"
+    assert (len(c.train), sum(s.label == 0 for s in c.test), sum(s.label for s in c.test)) == (762, 190, 392)
+    assert {s.defect_type for s in c.test if s.label} == {"blowhole", "break", "crack", "fray", "uneven"}
+    assert all(s.mask_url for s in c.test if s.label) and not c.missing_masks

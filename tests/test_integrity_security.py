@@ -12,7 +12,8 @@ import torch
 from lafite_core.feature_store import FeatureEntry, FeatureStore
 from lafite_core.config import cpu_profile
 from lafite_core.model import LafiteModel
-from lafite_core.storage import MANIFEST, IntegrityError, Store, safe_part
+from lafite_core.layout import MANIFEST
+from lafite_core.storage import IntegrityError, Store, safe_part
 from tasks.scoring import relative_parts
 
 

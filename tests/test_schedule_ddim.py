@@ -1,9 +1,11 @@
+import math
+
 import numpy as np
 import pytest
 import torch
 
 from lafite_core.ddim import DDIMSampler
-from lafite_core.schedule import cosine_schedule
+from lafite_core.schedule import add_noise, cosine_schedule
 
 
 def test_cosine_schedule_invariants():
@@ -29,6 +31,26 @@ def test_add_noise_matches_eq3_moments():
     ab = s.alphas_cumprod[300]
     assert abs(xt.mean().item() - 2 * np.sqrt(ab)) < 0.02
     assert abs(xt.var().item() - (1 - ab)) < 0.02
+
+
+def test_add_noise_is_eq3_bit_for_bit_for_floats_and_per_sample_tensors():
+    s = cosine_schedule(1000)
+    g = torch.Generator().manual_seed(2)
+    x0, eps = torch.randn(2, 4, 3, 5, 5, generator=g)
+    # a float (scoring at one tau): square roots in float64, then float32 arithmetic
+    ab = s.alpha_bar(700)
+    assert torch.equal(add_noise(x0, eps, ab), math.sqrt(ab) * x0 + math.sqrt(1 - ab) * eps)
+    # a [B] float32 tensor (training, one t per sample): square roots in float32, per row
+    t = torch.tensor([0, 250, 999, 500])
+    a = torch.tensor(s.alphas_cumprod, dtype=torch.float32)[t]
+    expected = torch.stack([a[i].sqrt() * x0[i] + (1 - a[i]).sqrt() * eps[i] for i in range(4)])
+    assert torch.equal(add_noise(x0, eps, a), expected)
+    assert torch.equal(s.add_noise(x0, eps, t), expected)
+    # and both are eq. 3 in float64 up to float32 rounding (1 - ab_t loses digits in float32 near t=0)
+    ref = np.sqrt(s.alphas_cumprod[t])[:, None, None, None] * x0.double().numpy() \
+        + np.sqrt(1 - s.alphas_cumprod[t])[:, None, None, None] * eps.double().numpy()
+    np.testing.assert_allclose(expected.numpy(), ref, rtol=0, atol=1e-4)
+    assert not torch.equal(add_noise(x0, eps, a), add_noise(x0, eps, a.flip(0)))
 
 
 def test_timesteps_descend_from_tau_and_prev_is_lookup():

@@ -1,3 +1,5 @@
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -59,7 +61,7 @@ def test_model_files_roundtrip_and_scores_agree():
     st = FeatureStats.fit(x)
     state = new_state(6, 8, cfg.diffusion, 0, torch.device("cpu"))
     bank = st.apply(x).permute(0, 2, 3, 1).reshape(-1, 6).numpy()[::7].copy()
-    model = LafiteModel(cfg, st, state.unet.eval(), bank, tau=100, k=3, categories=("d/c",))
+    model = LafiteModel(cfg, st, state.unet.eval(), bank, categories=("d/c",)).with_hyperparameters(100, 3)
     files = model.to_files()
     again = LafiteModel.from_files(files)
     assert (again.tau, again.k, again.categories) == (100, 3, ("d/c",))
@@ -68,6 +70,7 @@ def test_model_files_roundtrip_and_scores_agree():
         a = Scorer(model, "cpu").score(x[:3], method, [1, 2, 3])
         b = Scorer(again, "cpu").score(x[:3], method, [1, 2, 3])
         torch.testing.assert_close(a.scores, b.scores)
+    assert model.config.scoring.tau == 100 and json.loads(files["model.json"])["config"]["scoring"]["k"] == 3
     broken = dict(files)
     del broken["bank.npy"]
     with pytest.raises(ValueError, match="incomplete"):

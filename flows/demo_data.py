@@ -442,16 +442,6 @@ def _planned_files(spec: DemoSpec) -> list[tuple[str, str, str, int]]:
     return plan
 
 
-def _relative_paths(spec: DemoSpec) -> set[str]:
-    """Every file the generator writes, relative to root/dataset, marker included."""
-    paths = {MARKER}
-    for category, split, kind, i in _planned_files(spec):
-        paths.add(f"{category}/{split}/{kind}/{i:03d}.png")
-        if kind != "good":
-            paths.add(f"{category}/ground_truth/{kind}/{i:03d}_mask.png")
-    return paths
-
-
 def _marker_content(spec: DemoSpec, seed: int) -> dict:
     return {
         "generator_version": GENERATOR_VERSION,

@@ -1,0 +1,513 @@
+"""The method as a fixed chain of stages, each one function with typed inputs and outputs.
+
+    plan_training                      which images train, which are held out (pseudo-validation)
+    feature_store.extract_into         read, decode, extract features into a sink (Zarr or memory)
+    feature_store.read_training_features
+    train_model                        statistics, U-Net (eq. 6), coreset (eq. 9) -> untuned model
+    select                             pseudo-validation set, search tau then K (4.5), calibration
+    selection_files, version_files     the files of a model version (publication)
+    score_category, score_images       scores and maps for labelled or unlabelled images (eq. 10-12)
+    measure                            metric rows per (category, method)
+
+``lafite_core.pipeline`` composes them in process; the Prefect tasks call the same functions with the
+store between them (resolve references, call one stage, write its result). No stage logic lives in
+``tasks/`` or ``flows/``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+
+from lafite_core.backbone import FeatureExtractor
+from lafite_core.calibration import Calibration, calibrate
+from lafite_core.config import PipelineConfig, config_hash
+from lafite_core.coreset import select_coreset
+from lafite_core.data import Category, LoadedSample, Sample
+from lafite_core.feature_store import ExtractionReport, TrainingFeatures, feature_key
+from lafite_core.features import LoadFailure, extract, load_many
+from lafite_core.heatmap import overlay_png
+from lafite_core.metrics import CategoryMetrics, aupro, auroc, average_precision, compute_category_metrics
+from lafite_core.model import MODEL_FILES, LafiteModel, Scorer
+from lafite_core.normalize import FeatureStats
+from lafite_core.scoring import METHODS, AnomalyMaps, Method
+from lafite_core.search import SearchResult, search_hyperparameters
+from lafite_core.storage import Store
+from lafite_core.synthesis import build_pseudo_anomalies
+from lafite_core.tables import METRIC_COLUMNS, parquet_bytes, search_table
+from lafite_core.train import TrainState, pick_device, train_unet
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[str, int, int], None]
+"""progress(stage, done, total): called as long steps advance (total 0 when unknown)."""
+
+SEARCH_FILE = "search.parquet"
+CALIBRATION_FILE = "calibration.json"
+CONFIG_FILE = "config.json"
+CARD_FILE = "model_card.json"
+
+
+def quiet(stage: str, done: int, total: int) -> None:
+    """A Progress that reports nothing."""
+
+
+# --------------------------------------------------------------------------- plan
+
+
+def trainable(categories: Sequence[Category]) -> tuple[list[Category], list[str]]:
+    """(categories with train/good images, keys of those without); raises when none has any.
+
+    A category without normal images cannot be learned; it is skipped with a warning (its images
+    will score as unfamiliar, i.e. anomalous, which errs on the safe side) and recorded.
+    """
+    ok = [c for c in categories if c.train]
+    skipped = [c.key for c in categories if not c.train]
+    for key in skipped:
+        log.warning("%s has no train/good images: it is left out of training", key)
+    if not ok:
+        raise ValueError(f"no category has train/good images ({', '.join(skipped) or 'none found'}); "
+                         f"expected <root>/<category>/train/good/*.png")
+    return ok, skipped
+
+
+def split_holdout(samples: Sequence[Sample], cfg: PipelineConfig, seed: int) -> tuple[list[Sample], list[Sample]]:
+    """train/good of one category -> (samples to fit on, held-out pseudo-validation normals).
+
+    Holds out ``holdout_fraction`` (at least ``min_holdout``) when the category keeps at least two
+    images for fitting; otherwise holds out nothing. The held-out normals calibrate the threshold
+    even when the search is disabled.
+    """
+    syn = cfg.synthesis
+    n = len(samples)
+    if syn.holdout_fraction == 0:
+        return list(samples), []
+    n_hold = max(syn.min_holdout, int(round(syn.holdout_fraction * n)))
+    if n - n_hold < 2:
+        log.warning("a category with %d train images is too small to hold out pseudo-validation "
+                    "normals; it is left out of the search and the calibration", n)
+        return list(samples), []
+    order = np.random.default_rng(seed).permutation(n)
+    hold = sorted(order[:n_hold])
+    keep = sorted(order[n_hold:])
+    return [samples[i] for i in keep], [samples[i] for i in hold]
+
+
+@dataclass(frozen=True)
+class TrainingPlan:
+    """Which categories train, which were skipped, and the fit / held-out split of train/good."""
+
+    categories: list[Category]
+    skipped: list[str]
+    fit: list[Sample]
+    holdout: list[Sample]
+
+    @property
+    def category_keys(self) -> list[str]:
+        return [c.key for c in self.categories]
+
+
+def plan_training(categories: Sequence[Category], cfg: PipelineConfig) -> TrainingPlan:
+    """All categories' train/good -> TrainingPlan (held-out normals drawn per category from cfg.seed)."""
+    ok, skipped = trainable(categories)
+    fit: list[Sample] = []
+    holdout: list[Sample] = []
+    for i, c in enumerate(ok):
+        keep, hold = split_holdout(c.train, cfg, cfg.seed + i)
+        fit += keep
+        holdout += hold
+    return TrainingPlan(ok, skipped, fit, holdout)
+
+
+# --------------------------------------------------------------------------- images
+
+
+def load_all(samples: Sequence[Sample], cfg: PipelineConfig, storage_options: dict | None = None,
+             progress: Progress = quiet, stage: str = "load") -> tuple[list[LoadedSample], list[LoadFailure]]:
+    """Read and decode ``samples``; unreadable ones come back as failures, in order."""
+    ok: list[LoadedSample] = []
+    bad: list[LoadFailure] = []
+    for i, item in enumerate(load_many(samples, cfg.data.image_size, cfg.data.max_image_pixels, storage_options)):
+        if isinstance(item, LoadFailure):
+            bad.append(item)
+        else:
+            ok.append(item)
+        progress(stage, i + 1, len(samples))
+    return ok, bad
+
+
+def require_readable(report: ExtractionReport) -> None:
+    """Raises, naming the first unreadable files, when extraction left nothing to train on."""
+    if report.extracted + report.reused == 0:
+        raise ValueError("no readable training images: "
+                         + "; ".join(f"{url} ({error})" for url, error in report.failures[:5]))
+
+
+def image_seed(base: int, content_hash: str) -> int:
+    """Noise seed for one image: depends on the image's bytes and the run seed, not on its batch."""
+    return (int(content_hash[:15], 16) ^ (base * 0x9E3779B97F4A7C15)) % (2**63)
+
+
+def backbone_card(extractor: FeatureExtractor) -> dict:
+    """What a model records about its backbone: name, weight source, level channels."""
+    return {"name": extractor.info.name, "weights": extractor.info.weights_source,
+            "channels": list(extractor.info.channels)}
+
+
+# --------------------------------------------------------------------------- train
+
+
+def training_key(cfg: PipelineConfig, data: Sequence[tuple[str, str]]) -> str:
+    """Identifies trained U-Net weights: feature settings, diffusion settings, seed and training data.
+
+    ``data`` is (image id, content hash) of every training image. Scoring, search, synthesis and
+    coreset settings are left out: changing them reuses the weights.
+    """
+    payload = {"feature_key": feature_key(cfg), "diffusion": cfg.diffusion.model_dump(mode="json"), "seed": cfg.seed}
+    h = hashlib.sha256(json.dumps(payload, sort_keys=True).encode())
+    for image_id, content in sorted(data):
+        h.update(f"{image_id}\0{content}\n".encode())
+    return "t" + h.hexdigest()[:16]
+
+
+def build_bank(normalized: torch.Tensor, groups: np.ndarray, cfg: PipelineConfig) -> np.ndarray:
+    """Normalised features [N, D, h, w], category keys [N] -> coreset [M, D] (eq. 9), per category first."""
+    n, d, h, w = normalized.shape
+    patches = normalized.permute(0, 2, 3, 1).reshape(-1, d).numpy()
+    codes = np.unique(groups, return_inverse=True)[1].astype(np.int32)
+    patch_groups = np.repeat(codes, h * w)
+    core = select_coreset(patches, cfg.coreset, cfg.seed, groups=patch_groups)
+    return np.ascontiguousarray(patches[np.sort(core.indices)])
+
+
+@dataclass(frozen=True)
+class Trained:
+    """An untuned model (tau and K from the config until :func:`select`) and how training went."""
+
+    model: LafiteModel
+    losses: list[float]
+    epochs: int
+    device: str
+    resumed_from_epoch: int
+
+    @property
+    def final_loss(self) -> float:
+        return float(self.losses[-1]) if self.losses else float("nan")
+
+
+def train_model(
+    features: TrainingFeatures, cfg: PipelineConfig, categories: Sequence[str], backbone: dict,
+    device: str | None = None, state: TrainState | None = None,
+    on_checkpoint: Callable[[TrainState], None] | None = None, progress: Progress = quiet,
+) -> Trained:
+    """Raw training features -> statistics, U-Net and coreset, as a model.
+
+    ``state`` continues an interrupted training run; ``on_checkpoint`` saves one.
+    """
+    raw = features.raw
+    stats = FeatureStats.fit(raw)
+    normalized = stats.apply(torch.from_numpy(raw))
+    dev = pick_device(device)
+    resumed = state.epoch if state is not None else 0
+    state = train_unet(
+        normalized, cfg.diffusion, cfg.seed, dev, state=state, on_checkpoint=on_checkpoint,
+        on_epoch=lambda e, loss: progress("train", e, cfg.diffusion.epochs),
+    )
+    state.unet.cpu().eval()
+    bank = build_bank(normalized, features.groups, cfg)
+    model = LafiteModel(
+        config=cfg, stats=stats, unet=state.unet, bank=bank, categories=tuple(sorted(categories)), backbone=backbone,
+        extra={"config_hash": config_hash(cfg), "train_images": len(features.entries), "bank_size": int(bank.shape[0])},
+    )
+    return Trained(model, list(state.losses), state.epoch, str(dev), resumed)
+
+
+# --------------------------------------------------------------------------- select
+
+
+@dataclass(frozen=True)
+class PseudoValidation:
+    """Held-out normals and synthesised anomalies; features raw [N, D, h, w]."""
+
+    features: np.ndarray
+    labels: np.ndarray  # [N] 0/1
+    masks: np.ndarray  # [N, S, S] bool
+    categories: np.ndarray  # [N] category keys
+    seeds: list[int]
+
+
+def build_pseudo_validation(
+    holdout: dict[str, list[np.ndarray]], sources: dict[str, list[np.ndarray]],
+    cfg: PipelineConfig, seed: int,
+) -> tuple[list[np.ndarray], np.ndarray, np.ndarray, np.ndarray]:
+    """Per category: held-out normals plus anomalies pasted onto them from the category's sources.
+
+    holdout, sources: category key -> uint8 images [S, S, 3]. Returns (images, labels [N],
+    masks [N, S, S] bool, category keys [N]).
+    """
+    images: list[np.ndarray] = []
+    labels: list[int] = []
+    masks: list[np.ndarray] = []
+    cats: list[str] = []
+    size = cfg.data.image_size
+    for i, (key, normals) in enumerate(sorted(holdout.items())):
+        if not normals or not sources.get(key):
+            continue
+        anomalies = build_pseudo_anomalies(
+            normals, sources[key], cfg.synthesis.anomalies_per_normal, cfg.synthesis,
+            seed + 7919 * (i + 1), exclude_same_index=False,
+        )
+        for img in normals:
+            images.append(img)
+            labels.append(0)
+            masks.append(np.zeros((size, size), dtype=bool))
+            cats.append(key)
+        for a in anomalies:
+            images.append(a.image)
+            labels.append(1)
+            masks.append(a.mask)
+            cats.append(key)
+    return images, np.array(labels), np.stack(masks) if masks else np.zeros((0, size, size), bool), np.array(cats)
+
+
+def pseudo_evaluator(scorer: Scorer, pseudo: PseudoValidation, progress: Progress = quiet):
+    """The search's evaluate(tau, k) on the pseudo-validation set: mean per-category AUROCs."""
+    calls = [0]
+    feats = torch.from_numpy(pseudo.features)
+    search = scorer.model.config.search
+
+    def evaluate(tau: int, k: int | None) -> tuple[float, float | None]:
+        method: Method = "lafite" if k is not None else "lafite_no_edit"
+        out = scorer.score(feats, method, pseudo.seeds, tau=tau, k=k)
+        img, pix = [], []
+        for key in np.unique(pseudo.categories):
+            sel = pseudo.categories == key
+            if len(np.unique(pseudo.labels[sel])) < 2:
+                continue
+            m = compute_category_metrics(pseudo.labels[sel], out.scores.numpy()[sel], pseudo.masks[sel],
+                                         out.maps.numpy()[sel], with_aupro=False)
+            img.append(m.image_auroc)
+            pix.append(m.pixel_auroc)
+        calls[0] += 1
+        progress("search", calls[0], len(search.taus) + len(search.ks))
+        return float(np.mean(img)), float(np.mean(pix))
+
+    return evaluate
+
+
+@dataclass(frozen=True)
+class Selection:
+    """What the pseudo-validation set decided: the tuned model, the search table and the calibration.
+
+    ``search.points`` is empty when the search is disabled (tau and K then come from the config).
+    """
+
+    model: LafiteModel
+    search: SearchResult
+    pseudo: PseudoValidation
+    calibration: Calibration
+    failures: list[LoadFailure] = field(default_factory=list)
+
+    @property
+    def searched(self) -> bool:
+        return bool(self.search.points)
+
+
+def select(
+    model: LafiteModel, extractor: FeatureExtractor, holdout: Sequence[Sample], sources: Sequence[Sample],
+    storage_options: dict | None = None, device: str | None = None, progress: Progress = quiet,
+) -> Selection:
+    """Pseudo-validation set from held-out normals, search tau then K, calibrate the threshold.
+
+    Returns a new model with the chosen tau and K in its config (``model`` is not changed). Raises
+    when no category has held-out normals: the threshold cannot be calibrated without them.
+    """
+    cfg = model.config
+    hold, bad1 = load_all(holdout, cfg, storage_options, progress, "read held-out normals")
+    src, bad2 = load_all(sources, cfg, storage_options, progress, "read paste sources")
+    for f in bad1 + bad2:
+        log.warning("unreadable image left out of the pseudo-validation set: %s", f.error)
+    holdout_imgs: dict[str, list[np.ndarray]] = {}
+    source_imgs: dict[str, list[np.ndarray]] = {}
+    for s in hold:
+        holdout_imgs.setdefault(s.sample.category_key, []).append(s.image)
+    for s in src:
+        source_imgs.setdefault(s.sample.category_key, []).append(s.image)
+    images, labels, masks, cats = build_pseudo_validation(holdout_imgs, source_imgs, cfg, cfg.seed)
+    if not images:
+        raise ValueError("a model needs held-out normal images to calibrate its threshold, and none could be "
+                         "held out: give each category at least 4 readable train/good images and keep "
+                         "synthesis.holdout_fraction above 0")
+    pseudo = PseudoValidation(extract(extractor, images), labels, masks, cats,
+                              [cfg.seed * 1_000_003 + i for i in range(len(images))])
+    scorer = Scorer(model, device)
+    if cfg.search.enabled:
+        search = search_hyperparameters(pseudo_evaluator(scorer, pseudo, progress), cfg.search)
+    else:
+        log.info("hyperparameter search disabled: tau=%d, K=%d from the config", model.tau, model.k)
+        search = SearchResult(model.tau, model.k, ())
+    tuned = model.with_hyperparameters(search.tau, search.k)
+    final = Scorer(tuned, device).score(torch.from_numpy(pseudo.features), "lafite", pseudo.seeds)
+    calibration = calibrate(final.scores.numpy(), labels, cats, "lafite")
+    return Selection(tuned, search, pseudo, calibration, bad1 + bad2)
+
+
+# --------------------------------------------------------------------------- publish
+
+
+def selection_files(selection: Selection) -> dict[str, bytes]:
+    """The tuned model's files, the search table and the calibration (what a version is made of)."""
+    cfg = selection.model.config
+    return {
+        **selection.model.to_files(),
+        SEARCH_FILE: parquet_bytes(search_table(selection.search), {"config_hash": config_hash(cfg)}),
+        CALIBRATION_FILE: json.dumps(selection.calibration.to_json()).encode(),
+    }
+
+
+def training_summary(trained: Trained, unreadable: Sequence[tuple[str, str]], skipped: Sequence[str]) -> dict:
+    """The model card's account of training: epochs, loss, device, images, what was left out."""
+    return {"trained_epochs": trained.epochs, "final_loss": trained.final_loss, "device": trained.device,
+            "train_images": int(trained.model.extra.get("train_images", 0)),
+            "unreadable_train_images": [{"url": u, "error": e} for u, e in unreadable],
+            "skipped_categories": list(skipped)}
+
+
+def version_files(files: dict[str, bytes], run_id: str, summary: dict[str, Any]) -> dict[str, bytes]:
+    """:func:`selection_files` plus ``config.json`` and the model card, all from one model.json.
+
+    tau, K and the threshold are read from the files themselves, so config.json, model.json, the
+    card and calibration.json cannot disagree.
+    """
+    missing = [n for n in (*MODEL_FILES, SEARCH_FILE, CALIBRATION_FILE) if n not in files]
+    if missing:
+        raise ValueError(f"cannot publish: missing {missing}")
+    meta = json.loads(files["model.json"])
+    cfg = PipelineConfig.model_validate(meta["config"])
+    calibration = Calibration.from_json(json.loads(files[CALIBRATION_FILE]))
+    card = {"run_id": run_id, "config_hash": config_hash(cfg), "tau": cfg.scoring.tau, "k": cfg.scoring.k,
+            "threshold": calibration.overall.threshold, "categories": meta["categories"],
+            "backbone": meta["backbone"], **summary}
+    return {**files, CONFIG_FILE: cfg.to_json().encode(),
+            CARD_FILE: json.dumps(card, indent=2, sort_keys=True).encode()}
+
+
+def load_published(store: Store, version: str) -> tuple[LafiteModel, Calibration, dict[str, bytes]]:
+    """A verified model version of ``store``: the model, its calibration, and all its files."""
+    files = store.load_model_files(version)
+    return LafiteModel.from_files(files), Calibration.from_json(json.loads(files[CALIBRATION_FILE])), files
+
+
+# --------------------------------------------------------------------------- score and measure
+
+
+def score_images(scorer: Scorer, extractor: FeatureExtractor, images: Sequence[np.ndarray],
+                 content_hashes: Sequence[str], methods: Sequence[Method]) -> dict[Method, AnomalyMaps]:
+    """uint8 images [S, S, 3] -> AnomalyMaps per method; each image's noise seeded by its bytes."""
+    feats = torch.from_numpy(extract(extractor, list(images)))
+    seeds = [image_seed(scorer.model.config.seed, h) for h in content_hashes]
+    return {m: scorer.score(feats, m, seeds) for m in methods}
+
+
+@dataclass(frozen=True)
+class Judged:
+    """One unlabelled image scored and judged: raw score, and where the method is the calibrated one,
+    the normalised score (0 typical normal, 1 at the threshold) and the decision; a heat map on request."""
+
+    raw_score: float
+    normalized_score: float | None
+    decision: str | None  # "anomalous" | "normal"
+    heatmap_png: bytes | None
+
+
+def judge_images(scorer: Scorer, extractor: FeatureExtractor, calibration: Calibration, method: Method,
+                 images: Sequence[np.ndarray], content_hashes: Sequence[str], categories: Sequence[str | None],
+                 heatmaps: bool = False) -> list[Judged]:
+    """Batch scoring of uint8 images [S, S, 3]: one :class:`Judged` per image, per-category thresholds."""
+    out = score_images(scorer, extractor, images, content_hashes, (method,))[method]
+    judged = []
+    for image, category, raw, amap in zip(images, categories, out.scores.numpy(), out.maps.numpy()):
+        cut = calibration.cut_for(category)
+        calibrated = method == calibration.method
+        png = None
+        if heatmaps:
+            png = overlay_png(image, amap, cut.normal_median, 2 * cut.threshold - cut.normal_median)
+        judged.append(Judged(
+            float(raw), cut.normalize(float(raw)) if calibrated else None,
+            ("anomalous" if calibration.decide(float(raw), category) else "normal") if calibrated else None, png))
+    return judged
+
+
+@dataclass
+class CategoryScores:
+    """Scores of one category's test set for every method; maps [N, S, S]."""
+
+    category: Category
+    loaded: list[LoadedSample]
+    scores: dict[str, np.ndarray]
+    maps: dict[str, np.ndarray]
+
+
+def score_category(
+    scorer: Scorer, extractor: FeatureExtractor, category: Category,
+    methods: Sequence[Method] = METHODS, storage_options: dict | None = None, progress: Progress = quiet,
+) -> tuple[CategoryScores, list[LoadFailure]]:
+    """Read, extract and score one category's test images with every method."""
+    cfg = scorer.model.config
+    loaded, failures = load_all(category.test, cfg, storage_options, progress, f"read {category.key}")
+    if not loaded:
+        raise ValueError(f"{category.key}: no readable test images")
+    out = score_images(scorer, extractor, [s.image for s in loaded], [s.content_hash for s in loaded], methods)
+    progress(f"score {category.key}", len(methods), len(methods))
+    return (CategoryScores(category, loaded, {m: o.scores.numpy() for m, o in out.items()},
+                           {m: o.maps.numpy() for m, o in out.items()}), failures)
+
+
+def metrics_for(cs: CategoryScores, method: str) -> CategoryMetrics:
+    """Image metrics over all readable test images; pixel metrics over those with a known mask."""
+    labels = np.array([s.sample.label for s in cs.loaded])
+    image = compute_category_metrics(labels, cs.scores[method], None, None)
+    known = np.array([s.mask is not None for s in cs.loaded])
+    if not cs.category.has_masks or labels[known].max(initial=0) == 0:
+        return image
+    masks = np.stack([s.mask for s in cs.loaded if s.mask is not None])
+    maps = cs.maps[method][known]
+    return dataclasses.replace(image, pixel_auroc=auroc(masks, maps), pixel_ap=average_precision(masks, maps),
+                               aupro=aupro(masks, maps))
+
+
+@dataclass(frozen=True)
+class MetricsRow:
+    """One (category, method) result; :meth:`record` is its row in the metrics table."""
+
+    dataset: str
+    category: str
+    method: Method
+    metrics: CategoryMetrics
+    seed: int
+    config_hash: str
+    num_images: int
+    num_failed: int = 0
+
+    def record(self) -> dict:
+        """The METRICS_SCHEMA columns this row knows (run id, version and time are stamped later)."""
+        return {"dataset": self.dataset, "category": self.category, "method": self.method,
+                **{c: (None if getattr(self.metrics, c) is None else float(getattr(self.metrics, c)))
+                   for c in METRIC_COLUMNS},
+                "num_images": self.num_images, "num_failed": self.num_failed, "seed": self.seed,
+                "config_hash": self.config_hash}
+
+
+def measure(cs: CategoryScores, methods: Sequence[Method], cfg: PipelineConfig, num_failed: int = 0,
+            seed: int | None = None) -> list[MetricsRow]:
+    """Metric rows of one scored category, one per method; ``seed`` defaults to the config's."""
+    c = cs.category
+    return [MetricsRow(c.dataset, c.name, m, metrics_for(cs, m), cfg.seed if seed is None else seed,
+                       config_hash(cfg), len(cs.loaded), num_failed) for m in methods]
