@@ -37,17 +37,17 @@ import pyarrow as pa
 import torch
 
 from common import SHARED_DATA, Ticker, machine, merge, out_stem, parse_set, write_text
-from lafite_core.backbone import FeatureExtractor
+from lafite_core.method.backbone import FeatureExtractor
 from lafite_core.config import PipelineConfig, config_hash, load_profile
-from lafite_core.data import Category, LoadedSample, discover, read_bytes
-from lafite_core.features import extract
-from lafite_core.metrics import auroc, mean_std_over_seeds, summarize
-from lafite_core.model import Scorer
+from lafite_core.datapath.data import Category, LoadedSample, discover, read_bytes
+from lafite_core.datapath.features import extract
+from lafite_core.method.metrics import auroc, mean_std_over_seeds, summarize
+from lafite_core.method.model import Scorer
 from lafite_core.pipeline import fit
 from lafite_core.stages import CategoryScores, image_seed, load_all, measure
-from lafite_core.scoring import METHODS, AnomalyMaps
-from lafite_core.storage import Store, content_hash
-from lafite_core.tables import metrics_table
+from lafite_core.method.scoring import METHODS, AnomalyMaps
+from lafite_core.store.storage import Store, content_hash
+from lafite_core.store.tables import metrics_table
 
 log = logging.getLogger("bench.accuracy")
 

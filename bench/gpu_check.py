@@ -5,7 +5,7 @@ environment exists). Measured, each beside its reference in the same run:
 
 - EfficientNet-B4 feature extraction, images/s at batch 64 (224 x 224 input);
 - U-Net (256, (1, 2, 3, 4)) training steps/s at batch 64 on [64, 272, 32, 32] features: through
-  ``lafite_core.train.train_unet`` (noise and timesteps drawn on the CPU, as the library does) and a
+  ``lafite_core.method.train.train_unet`` (noise and timesteps drawn on the CPU, as the library does) and a
   bare loop with everything drawn on the GPU (the same model, loss and optimiser);
 - scoring images/s at batch 64 (``Scorer.score``, paper DDIM steps) with the library's faiss
   search and with ``TorchKNN`` on the GPU, and PatchCore on the same features;
@@ -86,7 +86,7 @@ def peak_gb(device: torch.device) -> float | None:
 
 def build_extractor(cfg, checkpoint: str | None, force_random: bool):
     """(FeatureExtractor, weights note); falls back to random B4 weights when the hub is unreachable."""
-    from lafite_core.backbone import FeatureExtractor, WeightsUnavailableError
+    from lafite_core.method.backbone import FeatureExtractor, WeightsUnavailableError
 
     bb = cfg.backbone.model_copy(update={"checkpoint": checkpoint}) if checkpoint else cfg.backbone
     if not force_random:
@@ -142,8 +142,8 @@ class TrainingResult:
 
 def bench_training(cfg, dim: int, sizes: Sizes, device: torch.device):
     """steps/s through train_unet (second epoch) and through a bare loop with GPU-side randomness."""
-    from lafite_core.schedule import add_noise, cosine_schedule
-    from lafite_core.train import new_state, train_unet
+    from lafite_core.method.schedule import add_noise, cosine_schedule
+    from lafite_core.method.train import new_state, train_unet
 
     size = cfg.backbone.feature_size
     dcfg = cfg.diffusion.model_copy(update={"epochs": 2, "checkpoint_every": 10**6, "batch_size": sizes.batch})
@@ -200,7 +200,7 @@ def fill_zero_layers(unet: torch.nn.Module, seed: int, std: float = 0.02) -> int
     """Add small seeded noise to the weights of the U-Net's zero-initialised layers (residual branch
     outputs, attention projections, the output convolution), which a few training steps leave near
     zero, so that the agreement check exercises every layer. Returns how many layers changed."""
-    from lafite_core.unet import AttentionBlock, ResBlock
+    from lafite_core.method.unet import AttentionBlock, ResBlock
 
     layers = [unet.out[-1]]
     layers += [m.out_layers[-1] for m in unet.modules() if isinstance(m, ResBlock)]
@@ -215,8 +215,8 @@ def fill_zero_layers(unet: torch.nn.Module, seed: int, std: float = 0.02) -> int
 
 def make_model(cfg, unet, dim: int, bank_size: int):
     """A LafiteModel from the given U-Net, statistics of random features and a clustered random bank."""
-    from lafite_core.model import LafiteModel
-    from lafite_core.normalize import FeatureStats
+    from lafite_core.method.model import LafiteModel
+    from lafite_core.method.normalize import FeatureStats
 
     rng = np.random.default_rng(0)
     size = cfg.backbone.feature_size
@@ -247,8 +247,8 @@ class ScoringResult:
 
 
 def bench_scoring(model, sizes: Sizes, device: torch.device) -> list[ScoringResult]:
-    from lafite_core.knn import TorchKNN
-    from lafite_core.model import Scorer
+    from lafite_core.method.knn import TorchKNN
+    from lafite_core.method.model import Scorer
 
     cfg = model.config
     feats = raw_features(sizes.score_images, model.feature_dim, cfg.backbone.feature_size, 2)
@@ -294,7 +294,7 @@ def check_agreement(model, sizes: Sizes, device: torch.device) -> list[Agreement
 
     Relative differences are divided by the largest absolute CPU value of the same output.
     """
-    from lafite_core.model import Scorer
+    from lafite_core.method.model import Scorer
 
     cfg = model.config
     feats = raw_features(sizes.agree_images, model.feature_dim, cfg.backbone.feature_size, 3)

@@ -117,8 +117,8 @@ def main() -> None:
             make_dump(dump, n)
             print(f"scoring {n} images ...", flush=True)
             r = {"images": n, **score(store, dump, Path(tmp) / f"score-{n}.log")}
-            from lafite_core.storage import Store
-            from lafite_core.ledger import read_score_tables
+            from lafite_core.store.storage import Store
+            from lafite_core.store.ledger import read_score_tables
 
             s = Store(store)
             rows = read_score_tables(s, s.list_versions()[-1].version)

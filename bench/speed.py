@@ -90,7 +90,7 @@ def timed(fn, *args, **kwargs) -> tuple[float, object]:
 
 def find_categories(data_root: str | None, tmp: Path):
     """Real categories (default: ../shared/data/mpdd), else a generated demo set under ``tmp``."""
-    from lafite_core.data import discover
+    from lafite_core.datapath.data import discover
     from flows.demo_data import generate_demo_dataset
 
     root = data_root or (str(SHARED_DATA / "mpdd") if (SHARED_DATA / "mpdd").is_dir() else None)
@@ -114,10 +114,10 @@ class ExtractionResult:
 
 
 def bench_extraction(categories, cfg, extractor, sizes: Sizes, tmp: Path) -> ExtractionResult:
-    from lafite_core.feature_store import FeatureStore, extract_into
-    from lafite_core.features import to_tensor
+    from lafite_core.store.feature_store import FeatureStore, extract_into
+    from lafite_core.datapath.features import to_tensor
     from lafite_core.stages import backbone_card, load_all
-    from lafite_core.storage import Store
+    from lafite_core.store.storage import Store
 
     samples = [s for c in categories for s in (*c.train, *c.test)]
     if sizes.extraction_images:
@@ -166,7 +166,7 @@ def clustered(n: int, rng: np.random.Generator, centres: np.ndarray, out: np.nda
 
 
 def bench_knn(sizes: Sizes) -> list[KNNResult]:
-    from lafite_core.knn import FaissKNN, TorchKNN
+    from lafite_core.method.knn import FaissKNN, TorchKNN
 
     rng = np.random.default_rng(0)
     centres = (rng.standard_normal((512, DIM)) * 2).astype(np.float32)
@@ -226,7 +226,7 @@ def coreset_child(n: int, threads: int) -> None:
     straight into its final array, so generation adds no spike) and the group keys.
     """
     from lafite_core.config import CoresetConfig
-    from lafite_core.coreset import select_coreset
+    from lafite_core.method.coreset import select_coreset
 
     if threads:
         torch.set_num_threads(threads)
@@ -282,7 +282,7 @@ def trained_model(args, categories, sizes: Sizes, extractor, tmp: Path) -> Train
     from lafite_core.config import cpu_profile
     from lafite_core.pipeline import fit, publish
     from lafite_core.stages import load_published
-    from lafite_core.storage import Store
+    from lafite_core.store.storage import Store
 
     if args.store:
         store = Store(args.store)
@@ -317,8 +317,8 @@ class ScoringResult:
 
 
 def bench_scoring(trained: Trained, categories, extractor, sizes: Sizes) -> list[ScoringResult]:
-    from lafite_core.features import extract
-    from lafite_core.model import Scorer
+    from lafite_core.datapath.features import extract
+    from lafite_core.method.model import Scorer
     from lafite_core.stages import image_seed, load_all
 
     model = trained.model
@@ -437,7 +437,7 @@ class TrainingResult:
 
 def bench_training(sizes: Sizes) -> TrainingResult:
     from lafite_core.config import cpu_profile
-    from lafite_core.train import train_unet
+    from lafite_core.method.train import train_unet
 
     cfg = cpu_profile().diffusion.model_copy(update={"epochs": sizes.train_epochs, "checkpoint_every": 10**6})
     feats = torch.randn(sizes.train_images, DIM, 32, 32, generator=torch.Generator().manual_seed(0))
@@ -479,7 +479,7 @@ def markdown(res: dict, quick: bool) -> str:
                        f"{r['torch_queries_per_s']:,.0f} | {r['torch_over_faiss']:.2f} | {r['top1_agreement']:.4f} |")
         faster = sum(r["torch_over_faiss"] > 1 for r in k)
         out += ["", f"torch faster in {faster} of {len(k)} settings; editing and PatchCore use faiss "
-                f"(lafite_core.model.Scorer -> FaissKNN).", ""]
+                f"(lafite_core.method.model.Scorer -> FaissKNN).", ""]
     if (c := res.get("coreset")):
         per = [r["seconds_per_million"] for r in c if r["torch_threads"] == c[0]["torch_threads"]]
         out += ["## Coreset construction (default CoresetConfig)", "",
@@ -554,7 +554,7 @@ def main(argv=None) -> int:
     try:
         need_data = {"extraction", "scoring", "ray"} & set(args.only)
         if need_data:
-            from lafite_core.backbone import FeatureExtractor
+            from lafite_core.method.backbone import FeatureExtractor
             from lafite_core.config import cpu_profile
 
             root, categories = find_categories(args.data_root, tmp)

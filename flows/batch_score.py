@@ -8,8 +8,8 @@ from prefect import flow
 
 import tasks.runtime  # noqa: F401
 from flows.params import ScoreParams, new_run_id
-from lafite_core.data import list_images
-from lafite_core.storage import Store, storage_options_from_env
+from lafite_core.datapath.data import list_images
+from lafite_core.store.storage import Store, storage_options_from_env
 from tasks.progress import run_logger
 from tasks.scoring import merge_scores_task, score_shards_task
 

@@ -12,7 +12,7 @@ from typing import Any, Sequence
 
 import tasks.runtime  # noqa: F401  (environment first)
 from lafite_core.config import PROFILES
-from lafite_core.scoring import METHODS
+from lafite_core.method.scoring import METHODS
 
 log = logging.getLogger("lafite")
 
@@ -81,7 +81,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def _print_rows(rows: Sequence[dict]) -> None:
-    from lafite_core.tables import format_table
+    from lafite_core.store.tables import format_table
 
     methods = list(dict.fromkeys(r["method"] for r in rows))
     print("\nAUROC image / pixel and AUPRO, in %:")
@@ -92,8 +92,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from flows.evaluate import evaluate_flow
     from flows.params import EvaluateParams, TrainParams
     from flows.train import train_flow
-    from lafite_core.storage import Store
-    from lafite_core.tables import metrics_table, seed_summary
+    from lafite_core.store.storage import Store
+    from lafite_core.store.tables import metrics_table, seed_summary
 
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -111,7 +111,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         # category, each in its own store under STORE/per-category/<dataset>/<category>
         groups: list[tuple[list[str] | None, str]] = [(args.categories, store)]
         if args.per_category:
-            from lafite_core.data import discover
+            from lafite_core.datapath.data import discover
 
             cats = discover(args.data_root, args.categories)
             groups = [([c.key], f"{store}/per-category/{c.dataset}/{c.name}") for c in cats]
@@ -156,9 +156,9 @@ def cmd_score(args: argparse.Namespace) -> int:
 
 
 def cmd_versions(args: argparse.Namespace) -> int:
-    from lafite_core import layout
+    from lafite_core.store import layout
     from lafite_core.stages import CARD_FILE
-    from lafite_core.storage import Store
+    from lafite_core.store.storage import Store
 
     store = Store(_store(args))
     versions = store.list_versions()

@@ -8,9 +8,9 @@ from prefect import flow
 
 import tasks.runtime  # noqa: F401
 from flows.params import EvaluateParams, new_run_id
-from lafite_core import layout
+from lafite_core.store import layout
 from lafite_core.stages import CONFIG_FILE
-from lafite_core.storage import Store
+from lafite_core.store.storage import Store
 from tasks.evaluation import evaluate_categories_task, stamp, write_metrics_task
 from tasks.features import discover_task
 from tasks.progress import run_logger

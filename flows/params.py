@@ -9,7 +9,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from lafite_core.config import PipelineConfig, Profile, load_profile
-from lafite_core.scoring import METHODS, Method
+from lafite_core.method.scoring import METHODS, Method
 
 
 def default_store() -> str:

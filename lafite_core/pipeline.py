@@ -15,12 +15,12 @@ import time
 from dataclasses import dataclass, field
 from typing import Sequence
 
-from lafite_core.backbone import FeatureExtractor
+from lafite_core.method.backbone import FeatureExtractor
 from lafite_core.config import PipelineConfig
-from lafite_core.data import Category
-from lafite_core.feature_store import MemoryFeatures, extract_into, read_training_features
-from lafite_core.model import LafiteModel, Scorer
-from lafite_core.scoring import METHODS, Method
+from lafite_core.datapath.data import Category
+from lafite_core.store.feature_store import MemoryFeatures, extract_into, read_training_features
+from lafite_core.method.model import LafiteModel, Scorer
+from lafite_core.method.scoring import METHODS, Method
 from lafite_core.stages import (
     MetricsRow,
     Progress,
@@ -38,7 +38,7 @@ from lafite_core.stages import (
     training_summary,
     version_files,
 )
-from lafite_core.storage import ModelVersion, Store
+from lafite_core.store.storage import ModelVersion, Store
 
 log = logging.getLogger(__name__)
 

@@ -26,23 +26,23 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from lafite_core.backbone import FeatureExtractor
-from lafite_core.calibration import Calibration, calibrate
+from lafite_core.method.backbone import FeatureExtractor
+from lafite_core.method.calibration import Calibration, calibrate
 from lafite_core.config import PipelineConfig, config_hash
-from lafite_core.coreset import select_coreset
-from lafite_core.data import Category, LoadedSample, Sample
-from lafite_core.feature_store import ExtractionReport, TrainingFeatures, feature_key
-from lafite_core.features import LoadFailure, extract, load_many
-from lafite_core.heatmap import overlay_png
-from lafite_core.metrics import CategoryMetrics, aupro, auroc, average_precision, compute_category_metrics
-from lafite_core.model import MODEL_FILES, LafiteModel, Scorer
-from lafite_core.normalize import FeatureStats
-from lafite_core.scoring import METHODS, AnomalyMaps, Method
-from lafite_core.search import SearchResult, search_hyperparameters
-from lafite_core.storage import Store
-from lafite_core.synthesis import build_pseudo_anomalies
-from lafite_core.tables import METRIC_COLUMNS, parquet_bytes, search_table
-from lafite_core.train import TrainState, pick_device, train_unet
+from lafite_core.method.coreset import select_coreset
+from lafite_core.datapath.data import Category, LoadedSample, Sample
+from lafite_core.store.feature_store import ExtractionReport, TrainingFeatures, feature_key
+from lafite_core.datapath.features import LoadFailure, extract, load_many
+from lafite_core.datapath.heatmap import overlay_png
+from lafite_core.method.metrics import CategoryMetrics, aupro, auroc, average_precision, compute_category_metrics
+from lafite_core.method.model import MODEL_FILES, LafiteModel, Scorer
+from lafite_core.method.normalize import FeatureStats
+from lafite_core.method.scoring import METHODS, AnomalyMaps, Method
+from lafite_core.method.search import SearchResult, search_hyperparameters
+from lafite_core.store.storage import Store
+from lafite_core.method.synthesis import build_pseudo_anomalies
+from lafite_core.store.tables import METRIC_COLUMNS, parquet_bytes, search_table
+from lafite_core.method.train import TrainState, pick_device, train_unet
 
 log = logging.getLogger(__name__)
 

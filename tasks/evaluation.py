@@ -9,13 +9,13 @@ from prefect import task
 from prefect.cache_policies import NONE
 
 import tasks.runtime as runtime
-from lafite_core import layout
-from lafite_core.backbone import FeatureExtractor
-from lafite_core.data import Category
-from lafite_core.model import Scorer
+from lafite_core.store import layout
+from lafite_core.method.backbone import FeatureExtractor
+from lafite_core.datapath.data import Category
+from lafite_core.method.model import Scorer
 from lafite_core.stages import load_published, measure, score_category
-from lafite_core.storage import Store, storage_options_from_env
-from lafite_core.tables import SUMMARY_SCHEMA, metrics_table, summarize_metrics
+from lafite_core.store.storage import Store, storage_options_from_env
+from lafite_core.store.tables import SUMMARY_SCHEMA, metrics_table, summarize_metrics
 from tasks.progress import LogProgress, run_logger, worker_logger
 
 

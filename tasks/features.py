@@ -8,12 +8,12 @@ from prefect import task
 from prefect.cache_policies import NONE
 
 import tasks.runtime  # noqa: F401  (environment before Ray/Prefect work)
-from lafite_core.backbone import FeatureExtractor
+from lafite_core.method.backbone import FeatureExtractor
 from lafite_core.config import PipelineConfig
-from lafite_core.data import Category, Sample, discover
-from lafite_core.feature_store import ExtractionReport, FeatureStore, extract_into
+from lafite_core.datapath.data import Category, Sample, discover
+from lafite_core.store.feature_store import ExtractionReport, FeatureStore, extract_into
 from lafite_core.stages import backbone_card, require_readable
-from lafite_core.storage import Store, storage_options_from_env
+from lafite_core.store.storage import Store, storage_options_from_env
 from tasks.progress import LogProgress, run_logger
 
 

@@ -9,11 +9,11 @@ from prefect import task
 from prefect.cache_policies import NONE
 
 import tasks.runtime  # noqa: F401
-from lafite_core import layout
-from lafite_core.backbone import FeatureExtractor
-from lafite_core.model import MODEL_FILES, LafiteModel
+from lafite_core.store import layout
+from lafite_core.method.backbone import FeatureExtractor
+from lafite_core.method.model import MODEL_FILES, LafiteModel
 from lafite_core.stages import CALIBRATION_FILE, SEARCH_FILE, TrainingPlan, select, selection_files, version_files
-from lafite_core.storage import ModelVersion, Store, storage_options_from_env
+from lafite_core.store.storage import ModelVersion, Store, storage_options_from_env
 from tasks.progress import LogProgress, run_logger
 
 

@@ -1,7 +1,7 @@
 """Batch scoring of an image dump in Ray-parallel shards, one Parquet part per shard.
 
 The bookkeeping (parts, heartbeats, the merge lock, de-duplication, adoption of crashed runs) is
-``lafite_core.ledger.ScoreLedger``; these tasks only run it on Prefect and Ray.
+``lafite_core.store.ledger.ScoreLedger``; these tasks only run it on Prefect and Ray.
 """
 
 from __future__ import annotations
@@ -16,14 +16,14 @@ from prefect import task
 from prefect.cache_policies import NONE
 
 import tasks.runtime as runtime
-from lafite_core import layout
-from lafite_core.backbone import FeatureExtractor
-from lafite_core.data import outside_root, read_bytes
-from lafite_core.images import decode_image
-from lafite_core.ledger import ScoreLedger
-from lafite_core.model import Scorer
+from lafite_core.store import layout
+from lafite_core.method.backbone import FeatureExtractor
+from lafite_core.datapath.data import outside_root, read_bytes
+from lafite_core.datapath.images import decode_image
+from lafite_core.store.ledger import ScoreLedger
+from lafite_core.method.model import Scorer
 from lafite_core.stages import judge_images, load_published
-from lafite_core.storage import Store, content_hash, safe_part, storage_options_from_env
+from lafite_core.store.storage import Store, content_hash, safe_part, storage_options_from_env
 from tasks.progress import LogProgress, run_logger
 
 

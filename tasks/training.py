@@ -14,12 +14,12 @@ from prefect import task
 from prefect.cache_policies import NONE
 
 import tasks.runtime as runtime
-from lafite_core import layout
+from lafite_core.store import layout
 from lafite_core.config import PipelineConfig
-from lafite_core.feature_store import FeatureStore, read_training_features
+from lafite_core.store.feature_store import FeatureStore, read_training_features
 from lafite_core.stages import TrainingPlan, train_model, training_key, training_summary
-from lafite_core.storage import Store
-from lafite_core.train import load_state, pick_device
+from lafite_core.store.storage import Store
+from lafite_core.method.train import load_state, pick_device
 from tasks.progress import LogProgress, run_logger, worker_logger
 
 @dataclass(frozen=True)

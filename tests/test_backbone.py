@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from lafite_core.backbone import FeatureExtractor, WeightsUnavailableError, aggregate, load_classifier
+from lafite_core.method.backbone import FeatureExtractor, WeightsUnavailableError, aggregate, load_classifier
 from lafite_core.config import BackboneConfig
 
 

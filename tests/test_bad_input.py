@@ -8,8 +8,8 @@ import pytest
 
 from corpus import bad_files, write_dataset, write_dump
 from lafite_core.config import cpu_profile
-from lafite_core.data import discover, load_sample
-from lafite_core.images import ImageDecodeError, decode_image
+from lafite_core.datapath.data import discover, load_sample
+from lafite_core.datapath.images import ImageDecodeError, decode_image
 from lafite_core.pipeline import evaluate, fit
 from lafite_core.stages import trainable
 

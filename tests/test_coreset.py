@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from lafite_core.config import CoresetConfig
-from lafite_core.coreset import covering_radius, greedy_kcenter, project, select_coreset
+from lafite_core.method.coreset import covering_radius, greedy_kcenter, project, select_coreset
 
 import torch
 

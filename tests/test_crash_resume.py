@@ -16,8 +16,8 @@ import pytest
 import torch
 
 from lafite_core.config import cpu_profile
-from lafite_core.model import LafiteModel
-from lafite_core.storage import Store
+from lafite_core.method.model import LafiteModel
+from lafite_core.store.storage import Store
 from conftest import cli_overrides
 
 LAFITE = str(Path(sys.executable).with_name("lafite"))
@@ -64,16 +64,16 @@ def test_extraction_resumes_and_equals_an_uninterrupted_run(tmp_path, small_demo
     script = tmp_path / "extract.py"
     script.write_text(textwrap.dedent(f"""
         import sys
-        from lafite_core.backbone import FeatureExtractor
+        from lafite_core.method.backbone import FeatureExtractor
         from lafite_core.config import cpu_profile
-        from lafite_core.data import discover
-        from lafite_core.feature_store import FeatureStore, extract_into
-        from lafite_core.storage import Store
+        from lafite_core.datapath.data import discover
+        from lafite_core.store.feature_store import FeatureStore, extract_into
+        from lafite_core.store.storage import Store
         cfg = cpu_profile()
         samples = [s for c in discover({str(small_demo.root)!r}) for s in c.train + c.test]
         extract_into(FeatureStore(Store(sys.argv[1]), cfg), samples, FeatureExtractor(cfg.backbone), batch_size=2)
     """))
-    from lafite_core.feature_store import FeatureStore
+    from lafite_core.store.feature_store import FeatureStore
 
     cfg = cpu_profile()
     interrupted = FeatureStore(Store(str(tmp_path / "a")), cfg)
@@ -130,7 +130,7 @@ def test_training_resumes_from_its_checkpoint_and_equals_an_uninterrupted_run(
 
 
 def _all_rows(store: str) -> list[dict]:
-    from lafite_core.ledger import read_score_tables
+    from lafite_core.store.ledger import read_score_tables
 
     s = Store(store)
     (version,) = s.list_versions()
@@ -139,7 +139,7 @@ def _all_rows(store: str) -> list[dict]:
 
 def _uninterrupted(store: str, dump: Path) -> list[dict]:
     """The same dump scored in one piece, in this process, by the same shard code."""
-    from lafite_core.data import list_images
+    from lafite_core.datapath.data import list_images
     from tasks.scoring import score_shard_body
 
     s = Store(store)

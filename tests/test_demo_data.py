@@ -95,7 +95,7 @@ def test_images_and_masks_are_well_formed(default_set: tuple[DemoSummary, float]
 
 def test_discovery_reads_the_demo_set(default_set: tuple[DemoSummary, float]) -> None:
     pytest.importorskip("fsspec")
-    from lafite_core.data import discover
+    from lafite_core.datapath.data import discover
 
     summary, _ = default_set
     found = {c.name: c for c in discover(str(summary.path))}

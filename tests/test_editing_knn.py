@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 import torch
 
-from lafite_core.editing import edit_features, editing_weights
-from lafite_core.knn import FaissKNN, TorchKNN, squared_distances
+from lafite_core.method.editing import edit_features, editing_weights
+from lafite_core.method.knn import FaissKNN, TorchKNN, squared_distances
 
 
 def _bank(m=500, d=12, seed=0):

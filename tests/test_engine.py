@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 
 from flows.params import TrainParams
-from lafite_core import layout
-from lafite_core.backbone import FeatureExtractor
+from lafite_core.store import layout
+from lafite_core.method.backbone import FeatureExtractor
 from lafite_core.config import config_hash
-from lafite_core.data import discover
-from lafite_core.model import Scorer
+from lafite_core.datapath.data import discover
+from lafite_core.method.model import Scorer
 from lafite_core.pipeline import fit, publish
 from lafite_core.stages import (
     CALIBRATION_FILE,
@@ -24,7 +24,7 @@ from lafite_core.stages import (
     score_category,
     training_key,
 )
-from lafite_core.storage import Store
+from lafite_core.store.storage import Store
 from tasks.training import train_body
 
 

@@ -2,11 +2,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lafite_core.backbone import FeatureExtractor
+from lafite_core.method.backbone import FeatureExtractor
 from lafite_core.config import BackboneConfig, cpu_profile
-from lafite_core.data import discover
-from lafite_core.feature_store import FeatureEntry, FeatureStore, extract_into, feature_key
-from lafite_core.storage import Store
+from lafite_core.datapath.data import discover
+from lafite_core.store.feature_store import FeatureEntry, FeatureStore, extract_into, feature_key
+from lafite_core.store.storage import Store
 
 
 @pytest.fixture(scope="module")

@@ -12,9 +12,9 @@ import zarr
 from flows.batch_score import batch_score_flow
 from flows.params import ScoreParams, TrainParams
 from flows.train import train_flow
-from lafite_core.feature_store import feature_key
-from lafite_core.layout import MANIFEST
-from lafite_core.storage import Store
+from lafite_core.store.feature_store import feature_key
+from lafite_core.store.layout import MANIFEST
+from lafite_core.store.storage import Store
 
 
 @pytest.fixture()

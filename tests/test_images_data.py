@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lafite_core.data import discover, load_sample
-from lafite_core.images import ImageDecodeError, decode_image, decode_mask
+from lafite_core.datapath.data import discover, load_sample
+from lafite_core.datapath.images import ImageDecodeError, decode_image, decode_mask
 
 
 def _png(arr, mode=None, fmt="PNG"):

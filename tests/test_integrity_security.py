@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from lafite_core.feature_store import FeatureEntry, FeatureStore
+from lafite_core.store.feature_store import FeatureEntry, FeatureStore
 from lafite_core.config import cpu_profile
-from lafite_core.model import LafiteModel
-from lafite_core.layout import MANIFEST
-from lafite_core.storage import IntegrityError, Store, safe_part
+from lafite_core.method.model import LafiteModel
+from lafite_core.store.layout import MANIFEST
+from lafite_core.store.storage import IntegrityError, Store, safe_part
 from tasks.scoring import relative_parts
 
 

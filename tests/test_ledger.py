@@ -9,9 +9,9 @@ from datetime import datetime, timezone
 
 import pytest
 
-from lafite_core import ledger as ledger_mod
-from lafite_core.ledger import HEARTBEAT, LOCK, LockTiming, MergeLock, ScoreLedger, read_score_tables
-from lafite_core.storage import Store
+from lafite_core.store import ledger as ledger_mod
+from lafite_core.store.ledger import HEARTBEAT, LOCK, LockTiming, MergeLock, ScoreLedger, read_score_tables
+from lafite_core.store.storage import Store
 
 V = "v1"
 FAST = LockTiming(stale_s=60.0, wait_s=5.0, poll_s=0.01)

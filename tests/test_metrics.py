@@ -1,4 +1,4 @@
-"""Tests for lafite_core.metrics: parity with scikit-learn, hand-computed AUPRO, a brute-force AUPRO."""
+"""Tests for lafite_core.method.metrics: parity with scikit-learn, hand-computed AUPRO, a brute-force AUPRO."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pytest
 from scipy import ndimage
 from sklearn.metrics import average_precision_score, roc_auc_score
 
-from lafite_core.metrics import (
+from lafite_core.method.metrics import (
     CategoryMetrics,
     Summary,
     aupro,

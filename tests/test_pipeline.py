@@ -2,10 +2,10 @@
 
 import pytest
 
-from lafite_core.backbone import FeatureExtractor
+from lafite_core.method.backbone import FeatureExtractor
 from lafite_core.config import BackboneConfig, cpu_profile
-from lafite_core.data import discover
-from lafite_core.model import LafiteModel
+from lafite_core.datapath.data import discover
+from lafite_core.method.model import LafiteModel
 from lafite_core.pipeline import evaluate, fit
 
 

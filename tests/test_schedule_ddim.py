@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from lafite_core.ddim import DDIMSampler
-from lafite_core.schedule import add_noise, cosine_schedule
+from lafite_core.method.ddim import DDIMSampler
+from lafite_core.method.schedule import add_noise, cosine_schedule
 
 
 def test_cosine_schedule_invariants():

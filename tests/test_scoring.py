@@ -1,9 +1,9 @@
 import numpy as np
 import torch
 
-from lafite_core.ddim import DDIMSampler
-from lafite_core.schedule import cosine_schedule
-from lafite_core.scoring import gaussian_blur, gaussian_kernel1d, lafite_errors, reconstruction_error, to_anomaly_maps
+from lafite_core.method.ddim import DDIMSampler
+from lafite_core.method.schedule import cosine_schedule
+from lafite_core.method.scoring import gaussian_blur, gaussian_kernel1d, lafite_errors, reconstruction_error, to_anomaly_maps
 
 
 def test_gaussian_kernel_matches_reference_formula():

@@ -1,5 +1,5 @@
 from lafite_core.config import SearchConfig
-from lafite_core.search import search_hyperparameters
+from lafite_core.method.search import search_hyperparameters
 
 
 def test_tau_first_without_editing_then_k_at_that_tau():

@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 import s3fs
 
-from lafite_core.storage import IntegrityError, RetryPolicy, Store, StoreError
+from lafite_core.store.storage import IntegrityError, RetryPolicy, Store, StoreError
 
 LAFITE = str(Path(sys.executable).with_name("lafite"))
 
@@ -99,7 +99,7 @@ def _wait_for_parts(fs, bucket: str, thread: threading.Thread, outcome: dict) ->
 
 
 def test_s3_server_stopped_mid_run_is_survived(prefect_harness, s3_trained, moto_s3, monkeypatch, fresh_ray):
-    from lafite_core.ledger import read_score_tables
+    from lafite_core.store.ledger import read_score_tables
 
     fs, bucket = s3_trained
     monkeypatch.setenv("LAFITE_STORE_RETRIES", "8")  # up to ~1 minute of backoff
@@ -144,7 +144,7 @@ def test_s3_server_gone_fails_clearly_with_nothing_corrupt(prefect_harness, s3_t
 
 
 def test_two_batch_score_runs_at_once_leave_no_duplicate_rows(tmp_path, trained_store, small_demo, prefect_api_env):
-    from lafite_core.ledger import read_score_tables
+    from lafite_core.store.ledger import read_score_tables
 
     store = str(tmp_path / "store")
     shutil.copytree(trained_store, store)

@@ -1,4 +1,4 @@
-"""Tests for lafite_core.synthesis: mask properties, the paste invariant, determinism."""
+"""Tests for lafite_core.method.synthesis: mask properties, the paste invariant, determinism."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from scipy import ndimage
 from scipy.spatial import ConvexHull
 
 from lafite_core.config import SynthesisConfig
-from lafite_core.synthesis import (
+from lafite_core.method.synthesis import (
     SHAPE_KINDS,
     SynthesizedSample,
     build_pseudo_anomalies,

@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from lafite_core.config import cpu_profile
-from lafite_core.model import LafiteModel, Scorer
-from lafite_core.normalize import FeatureStats
-from lafite_core.train import load_state, new_state, train_unet
+from lafite_core.method.model import LafiteModel, Scorer
+from lafite_core.method.normalize import FeatureStats
+from lafite_core.method.train import load_state, new_state, train_unet
 
 
 def _cfg(epochs=4):

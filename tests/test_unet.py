@@ -1,7 +1,7 @@
 import torch
 
 from lafite_core.config import DiffusionConfig
-from lafite_core.unet import UNet, timestep_embedding
+from lafite_core.method.unet import UNet, timestep_embedding
 
 
 def _cfg(**kw):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from lafite_core.knn import KNN
+from lafite_core.method.knn import KNN
 
 
 def editing_weights(distances: torch.Tensor) -> torch.Tensor:

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from lafite_core.config import CoresetConfig
-from lafite_core.knn import squared_distances
+from lafite_core.method.knn import squared_distances
 
 
 class Coreset(NamedTuple):

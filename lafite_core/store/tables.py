@@ -12,8 +12,8 @@ from typing import Iterable, Sequence
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from lafite_core.metrics import mean_std_over_seeds, summarize
-from lafite_core.search import SearchResult
+from lafite_core.method.metrics import mean_std_over_seeds, summarize
+from lafite_core.method.search import SearchResult
 
 METRIC_COLUMNS = ("image_auroc", "image_ap", "pixel_auroc", "pixel_ap", "aupro")
 

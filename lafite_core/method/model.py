@@ -17,12 +17,12 @@ import numpy as np
 import torch
 
 from lafite_core.config import PipelineConfig, config_hash
-from lafite_core.ddim import DDIMSampler
-from lafite_core.editing import edit_features
-from lafite_core.knn import knn_for
-from lafite_core.normalize import FeatureStats
-from lafite_core.schedule import cosine_schedule
-from lafite_core.scoring import (
+from lafite_core.method.ddim import DDIMSampler
+from lafite_core.method.editing import edit_features
+from lafite_core.method.knn import knn_for
+from lafite_core.method.normalize import FeatureStats
+from lafite_core.method.schedule import cosine_schedule
+from lafite_core.method.scoring import (
     METHODS,
     AnomalyMaps,
     Method,
@@ -30,7 +30,7 @@ from lafite_core.scoring import (
     nearest_distance_errors,
     to_anomaly_maps,
 )
-from lafite_core.unet import UNet
+from lafite_core.method.unet import UNet
 
 MODEL_FILES = ("unet.pt", "stats.npz", "bank.npy", "model.json")
 

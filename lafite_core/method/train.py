@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 
 from lafite_core.config import DiffusionConfig
-from lafite_core.schedule import add_noise, cosine_schedule
-from lafite_core.unet import UNet
+from lafite_core.method.schedule import add_noise, cosine_schedule
+from lafite_core.method.unet import UNet
 
 log = logging.getLogger(__name__)
 

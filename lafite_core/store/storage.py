@@ -1,6 +1,6 @@
 """The artefact store: one root URL (local folder or ``s3://bucket/prefix``) for everything.
 
-Where each artefact lives under the root is :mod:`lafite_core.layout`'s business. Every file is
+Where each artefact lives under the root is :mod:`lafite_core.store.layout`'s business. Every file is
 written whole or not at all (temporary file and rename locally, a single PUT on object storage),
 and every path component is checked so that names from data (categories, image keys) cannot lead
 outside the root.
@@ -27,9 +27,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from fsspec.core import url_to_fs
 
-from lafite_core import layout
-from lafite_core.layout import MANIFEST
-from lafite_core.tables import parquet_bytes
+from lafite_core.store import layout
+from lafite_core.store.layout import MANIFEST
+from lafite_core.store.tables import parquet_bytes
 
 log = logging.getLogger(__name__)
 

@@ -19,8 +19,8 @@ from typing import Callable, Literal, NamedTuple, Sequence, get_args
 import torch
 import torch.nn.functional as F
 
-from lafite_core.ddim import DDIMSampler, gaussian_like
-from lafite_core.schedule import add_noise
+from lafite_core.method.ddim import DDIMSampler, gaussian_like
+from lafite_core.method.schedule import add_noise
 
 Method = Literal["lafite", "lafite_no_edit", "patchcore"]
 METHODS: tuple[Method, ...] = get_args(Method)

@@ -15,8 +15,8 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 import torch
 
-from lafite_core.backbone import FeatureExtractor
-from lafite_core.data import LoadedSample, Sample, load_sample
+from lafite_core.method.backbone import FeatureExtractor
+from lafite_core.datapath.data import LoadedSample, Sample, load_sample
 
 
 @dataclass(frozen=True)

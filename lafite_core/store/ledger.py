@@ -23,9 +23,9 @@ from typing import Sequence
 
 import pyarrow as pa
 
-from lafite_core import layout
-from lafite_core.storage import Store, safe_part
-from lafite_core.tables import SCORES_SCHEMA, scores_table
+from lafite_core.store import layout
+from lafite_core.store.storage import Store, safe_part
+from lafite_core.store.tables import SCORES_SCHEMA, scores_table
 
 HEARTBEAT = "_heartbeat"
 LOCK = "merge.lock"

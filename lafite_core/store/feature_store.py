@@ -19,12 +19,12 @@ from typing import Callable, Sequence
 import numpy as np
 import zarr
 
-from lafite_core.backbone import FeatureExtractor
+from lafite_core.method.backbone import FeatureExtractor
 from lafite_core.config import PipelineConfig, config_hash
-from lafite_core.data import Sample, by_category
-from lafite_core.features import LoadFailure, extract, load_many
-from lafite_core import layout
-from lafite_core.storage import Store
+from lafite_core.datapath.data import Sample, by_category
+from lafite_core.datapath.features import LoadFailure, extract, load_many
+from lafite_core.store import layout
+from lafite_core.store.storage import Store
 
 ARRAY = "features"
 

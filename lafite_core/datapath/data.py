@@ -22,8 +22,8 @@ import fsspec
 import numpy as np
 from fsspec.core import url_to_fs
 
-from lafite_core.images import DEFAULT_MAX_BYTES, IMAGE_EXTENSIONS, ImageDecodeError, decode_image, decode_mask
-from lafite_core.storage import RetryPolicy, content_hash, fs_protocol
+from lafite_core.datapath.images import DEFAULT_MAX_BYTES, IMAGE_EXTENSIONS, ImageDecodeError, decode_image, decode_mask
+from lafite_core.store.storage import RetryPolicy, content_hash, fs_protocol
 
 log = logging.getLogger(__name__)
 

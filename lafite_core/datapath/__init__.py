@@ -1,0 +1,1 @@
+"""Images in and out: dataset discovery, bounded decoding, batched feature extraction, overlays."""

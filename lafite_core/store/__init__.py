@@ -1,0 +1,1 @@
+"""Persistence: the artefact store, its layout, Zarr features, the score ledger, Parquet tables."""
