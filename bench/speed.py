@@ -235,7 +235,7 @@ def coreset_child(n: int, threads: int) -> None:
     centres = (rng.standard_normal((2048, DIM)) * 2).astype(np.float32)
     feats = clustered(n, rng, centres, block=16_384)
     n_groups = max(1, math.ceil(n / MVTEC_CATEGORY_PATCHES))
-    # string category keys, repeated per patch, as stages.build_bank passes them
+    # string category keys, repeated per patch, as coreset.patch_bank passes them
     names = np.array([f"mvtec/category{g:02d}" for g in range(n_groups)])
     groups = np.repeat(names, np.diff(np.linspace(0, n, n_groups + 1).round().astype(int)))
     t, core = timed(select_coreset, feats, CoresetConfig(), 0, groups=groups, device="cpu")
@@ -484,7 +484,7 @@ def markdown(res: dict, quick: bool) -> str:
         per = [r["seconds_per_million"] for r in c if r["torch_threads"] == c[0]["torch_threads"]]
         out += ["## Coreset construction (default CoresetConfig)", "",
                 "Clustered random 192-d patches in MVTec-size groups (240 images x 1,024 patches), string "
-                "group keys as stages.build_bank passes them; one child process per size; peak RSS growth = "
+                "group keys as coreset.patch_bank passes them; one child process per size; peak RSS growth = "
                 "peak RSS - resident memory before the input was made (so it includes the input).", "",
                 "| patches | torch threads | groups | chunks | selected | s | s per million | input GB | "
                 "peak RSS growth GB |",

@@ -36,8 +36,10 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for a in args.set or []:
         set_override(out, a)
-    if getattr(args, "epochs", None):
-        out.setdefault("diffusion", {})["epochs"] = args.epochs
+    if getattr(args, "epochs", None):  # exactly this many epochs: the profile's step budget no longer applies
+        out.setdefault("diffusion", {}).update(epochs=args.epochs, max_steps=None)
+    if getattr(args, "max_steps", None):
+        out.setdefault("diffusion", {})["max_steps"] = args.max_steps
     return out
 
 
@@ -53,7 +55,10 @@ def _add_training(p: argparse.ArgumentParser) -> None:
                    help="cpu: EfficientNet-Lite0 + small U-Net, minutes on a CPU; paper: the paper's settings, for a GPU")
     p.add_argument("--categories", nargs="+", default=None,
                    help="only these categories (name or dataset/category); default: all under the root")
-    p.add_argument("--epochs", type=int, default=None, help="override the profile's training epochs")
+    p.add_argument("--epochs", type=int, default=None,
+                   help="train exactly this many epochs (instead of the profile's budget)")
+    p.add_argument("--max-steps", type=int, default=None,
+                   help="training budget in optimiser steps (the cpu profile's default: diffusion.max_steps)")
     p.add_argument("--set", action="append", metavar="SECTION.FIELD=VALUE",
                    help="override any config field, e.g. --set scoring.ddim_steps=10 (repeatable)")
     p.add_argument("--device", default=None, help="training device (default: CUDA when present, else CPU)")

@@ -60,11 +60,16 @@ class DiffusionConfig(_Frozen):
         (16, 8), description="feature-map sizes at which the U-Net adds self-attention"
     )
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
-    epochs: int = Field(1000, ge=1)
+    epochs: int = Field(1000, ge=1, description="training epochs (an upper bound when max_steps is set)")
+    max_steps: int | None = Field(
+        None, ge=1,
+        description="training budget in optimiser steps: whole epochs up to this many steps, so training time "
+                    "stays bounded as the data grows (None: train all `epochs`)",
+    )
     batch_size: int = Field(64, ge=1)
     lr: float = Field(1e-4, gt=0)
     weight_decay: float = Field(1e-4, ge=0)
-    lr_drop_at: float = Field(0.8, gt=0, le=1, description="lr x0.1 after this fraction of epochs")
+    lr_drop_at: float = Field(0.8, gt=0, le=1, description="lr x0.1 after this fraction of the planned epochs")
     checkpoint_every: int = Field(50, ge=1, description="epochs between resumable checkpoints")
 
     @field_validator("channel_mult")
@@ -121,6 +126,48 @@ class SynthesisConfig(_Frozen):
         return self
 
 
+class ViewConfig(_Frozen):
+    """Which levels of the stored features a method looks at, and how patches are averaged locally."""
+
+    levels: tuple[int, ...] | None = Field(
+        None, description="positions in backbone.out_indices to use (2, 3: strides 8 and 16); None: all levels"
+    )
+    local_aggregation: int = Field(
+        1, ge=1, description="odd k: every patch is averaged with its k x k neighbourhood (1: none; PatchCore: 3)"
+    )
+
+    @field_validator("local_aggregation")
+    @classmethod
+    def _odd(cls, v: int) -> int:
+        if v % 2 == 0:
+            raise ValueError("local_aggregation must be odd (1, 3, 5, ...)")
+        return v
+
+    @field_validator("levels")
+    @classmethod
+    def _levels(cls, v: tuple[int, ...] | None) -> tuple[int, ...] | None:
+        if v is not None and (not v or len(set(v)) != len(v) or min(v) < 0):
+            raise ValueError("levels must be distinct non-negative positions, or None for all")
+        return v
+
+
+class BaselineConfig(_Frozen):
+    """The nearest-neighbour baseline LafitE is compared with (method ``patchcore``).
+
+    ``shared``: distance to LafitE's own coreset in LafitE's normalised features (same features, same
+    bank). ``patchcore``: PatchCore's own recipe (Roth et al. 2022): its view of the features (the
+    stride-8 and stride-16 levels, 3 x 3 local averaging), its own greedy coreset of the raw view,
+    and its reweighted image score; the pixel map gets the same smoothing as LafitE's.
+    """
+
+    recipe: Literal["shared", "patchcore"] = "shared"
+    view: ViewConfig = ViewConfig(levels=(2, 3), local_aggregation=3)
+    keep_rate: float = Field(0.01, gt=0, le=1, description="coreset keep rate of the PatchCore bank")
+    reweight_neighbours: int = Field(
+        9, ge=1, description="b of PatchCore's image-score reweighting (support of the nearest bank patch)"
+    )
+
+
 class SearchConfig(_Frozen):
     """Hyperparameter search on the pseudo-validation set (section 4.5): tau first, then K."""
 
@@ -140,6 +187,8 @@ class PipelineConfig(_Frozen):
     scoring: ScoringConfig = ScoringConfig()
     synthesis: SynthesisConfig = SynthesisConfig()
     search: SearchConfig = SearchConfig()
+    features: ViewConfig = Field(ViewConfig(), description="LafitE's view of the stored features")
+    baseline: BaselineConfig = BaselineConfig()
     seed: int = 0
 
     @model_validator(mode="after")
@@ -148,6 +197,11 @@ class PipelineConfig(_Frozen):
         taus = (self.scoring.tau, *self.search.taus)
         if any(not 1 <= t < T for t in taus):
             raise ValueError(f"every tau must lie in [1, {T - 1}] (T = {T}); got {taus}")
+        n_levels = len(self.backbone.out_indices)
+        for name, view in (("features", self.features), ("baseline.view", self.baseline.view)):
+            if view.levels is not None and max(view.levels) >= n_levels:
+                raise ValueError(f"{name}.levels {view.levels}: the backbone gives {n_levels} levels "
+                                 f"(backbone.out_indices {self.backbone.out_indices})")
         levels = len(self.diffusion.channel_mult) - 1
         if self.backbone.feature_size % (2**levels):
             raise ValueError(
@@ -175,9 +229,11 @@ class PipelineConfig(_Frozen):
         return PipelineConfig.model_validate(data)
 
 
-def config_hash(config: PipelineConfig) -> str:
-    """Stable 16-hex-digit hash of the canonical JSON."""
-    return hashlib.sha256(config.to_json().encode()).hexdigest()[:16]
+def config_hash(config: PipelineConfig | dict) -> str:
+    """Stable 16-hex-digit hash of the canonical JSON (of a config, or of a config as recorded)."""
+    text = config.to_json() if isinstance(config, PipelineConfig) else json.dumps(
+        config, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def paper_profile() -> PipelineConfig:
@@ -188,7 +244,13 @@ def paper_profile() -> PipelineConfig:
         diffusion=DiffusionConfig(),
         scoring=ScoringConfig(ddim_steps=25, batch_size=64),
         search=SearchConfig(taus=(50, 100, 200, 300, 400, 500, 600, 700), ks=(1, 3, 5, 7, 9, 11)),
+        baseline=BaselineConfig(recipe="patchcore"),
     )
+
+
+CPU_TRAIN_STEPS = 1500
+"""The cpu profile's training budget: about 0.7 s a step on the 2-core build machine, so at most about
+18 minutes of training however many images (150 epochs cap small sets, e.g. 3 steps an epoch)."""
 
 
 def cpu_profile() -> PipelineConfig:
@@ -202,12 +264,14 @@ def cpu_profile() -> PipelineConfig:
             num_res_blocks=1,
             attention_resolutions=(),
             epochs=150,
+            max_steps=CPU_TRAIN_STEPS,
             batch_size=16,
             lr=5e-4,
             checkpoint_every=10,
         ),
         scoring=ScoringConfig(ddim_steps=5, batch_size=16),
         search=SearchConfig(taus=(50, 100, 200, 300, 400), ks=(1, 3, 5, 7)),
+        baseline=BaselineConfig(recipe="patchcore"),
     )
 
 

@@ -29,7 +29,8 @@ import torch
 from lafite_core.method.backbone import FeatureExtractor
 from lafite_core.method.calibration import Calibration, calibrate
 from lafite_core.config import PipelineConfig, config_hash
-from lafite_core.method.coreset import select_coreset
+from lafite_core.method import patchcore
+from lafite_core.method.coreset import patch_bank
 from lafite_core.datapath.data import Category, LoadedSample, Sample
 from lafite_core.store.feature_store import ExtractionReport, TrainingFeatures, feature_key
 from lafite_core.datapath.features import LoadFailure, extract, load_many
@@ -42,7 +43,8 @@ from lafite_core.method.search import SearchResult, search_hyperparameters
 from lafite_core.store.storage import Store
 from lafite_core.method.synthesis import build_pseudo_anomalies
 from lafite_core.store.tables import METRIC_COLUMNS, parquet_bytes, search_table
-from lafite_core.method.train import TrainState, pick_device, train_unet
+from lafite_core.method.views import apply_view
+from lafite_core.method.train import TrainState, pick_device, planned_epochs, train_unet
 
 log = logging.getLogger(__name__)
 
@@ -170,21 +172,12 @@ def training_key(cfg: PipelineConfig, data: Sequence[tuple[str, str]]) -> str:
     ``data`` is (image id, content hash) of every training image. Scoring, search, synthesis and
     coreset settings are left out: changing them reuses the weights.
     """
-    payload = {"feature_key": feature_key(cfg), "diffusion": cfg.diffusion.model_dump(mode="json"), "seed": cfg.seed}
+    payload = {"feature_key": feature_key(cfg), "view": cfg.features.model_dump(mode="json"),
+               "diffusion": cfg.diffusion.model_dump(mode="json"), "seed": cfg.seed}
     h = hashlib.sha256(json.dumps(payload, sort_keys=True).encode())
     for image_id, content in sorted(data):
         h.update(f"{image_id}\0{content}\n".encode())
     return "t" + h.hexdigest()[:16]
-
-
-def build_bank(normalized: torch.Tensor, groups: np.ndarray, cfg: PipelineConfig) -> np.ndarray:
-    """Normalised features [N, D, h, w], category keys [N] -> coreset [M, D] (eq. 9), per category first."""
-    n, d, h, w = normalized.shape
-    patches = normalized.permute(0, 2, 3, 1).reshape(-1, d).numpy()
-    codes = np.unique(groups, return_inverse=True)[1].astype(np.int32)
-    patch_groups = np.repeat(codes, h * w)
-    core = select_coreset(patches, cfg.coreset, cfg.seed, groups=patch_groups)
-    return np.ascontiguousarray(patches[np.sort(core.indices)])
 
 
 @dataclass(frozen=True)
@@ -207,24 +200,35 @@ def train_model(
     device: str | None = None, state: TrainState | None = None,
     on_checkpoint: Callable[[TrainState], None] | None = None, progress: Progress = quiet,
 ) -> Trained:
-    """Raw training features -> statistics, U-Net and coreset, as a model.
+    """Raw training features -> statistics, U-Net and coreset (and PatchCore's bank), as a model.
 
+    LafitE trains on its view of the features (``cfg.features``), standardised per channel.
     ``state`` continues an interrupted training run; ``on_checkpoint`` saves one.
     """
     raw = features.raw
-    stats = FeatureStats.fit(raw)
-    normalized = stats.apply(torch.from_numpy(raw))
+    channels = backbone.get("channels")
+    viewed = apply_view(torch.from_numpy(raw), cfg.features, channels)
+    stats = FeatureStats.fit(viewed)
+    normalized = stats.apply(viewed)
+    del viewed
     dev = pick_device(device)
     resumed = state.epoch if state is not None else 0
     state = train_unet(
         normalized, cfg.diffusion, cfg.seed, dev, state=state, on_checkpoint=on_checkpoint,
-        on_epoch=lambda e, loss: progress("train", e, cfg.diffusion.epochs),
+        on_epoch=lambda e, loss: progress("train", e, planned_epochs(cfg.diffusion, raw.shape[0])),
     )
     state.unet.cpu().eval()
-    bank = build_bank(normalized, features.groups, cfg)
+    bank = patch_bank(normalized, features.groups, cfg.coreset, cfg.seed)
+    del normalized
+    baseline_bank = None
+    if cfg.baseline.recipe == "patchcore":
+        baseline_bank = patchcore.build_bank(torch.from_numpy(raw), features.groups, cfg.baseline, cfg.coreset,
+                                             channels, cfg.seed)
     model = LafiteModel(
         config=cfg, stats=stats, unet=state.unet, bank=bank, categories=tuple(sorted(categories)), backbone=backbone,
-        extra={"config_hash": config_hash(cfg), "train_images": len(features.entries), "bank_size": int(bank.shape[0])},
+        extra={"config_hash": config_hash(cfg), "train_images": len(features.entries), "bank_size": int(bank.shape[0]),
+               **({} if baseline_bank is None else {"baseline_bank_size": int(baseline_bank.shape[0])})},
+        baseline_bank=baseline_bank,
     )
     return Trained(model, list(state.losses), state.epoch, str(dev), resumed)
 

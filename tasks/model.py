@@ -11,7 +11,7 @@ from prefect.cache_policies import NONE
 import tasks.runtime  # noqa: F401
 from lafite_core.store import layout
 from lafite_core.method.backbone import FeatureExtractor
-from lafite_core.method.model import MODEL_FILES, LafiteModel
+from lafite_core.method.model import MODEL_FILES, OPTIONAL_MODEL_FILES, LafiteModel
 from lafite_core.stages import CALIBRATION_FILE, SEARCH_FILE, TrainingPlan, select, selection_files, version_files
 from lafite_core.store.storage import ModelVersion, Store, storage_options_from_env
 from tasks.progress import LogProgress, run_logger
@@ -26,7 +26,9 @@ class SelectionRef:
 
 
 def _staged(store: Store, run_id: str, names) -> dict[str, bytes]:
-    return {n: store.read_bytes(*layout.staged(run_id, n)) for n in names}
+    """The staged files ``names``, plus the optional model files that were staged."""
+    optional = [n for n in OPTIONAL_MODEL_FILES if store.exists(*layout.staged(run_id, n))]
+    return {n: store.read_bytes(*layout.staged(run_id, n)) for n in [*names, *optional]}
 
 
 @task(name="search-and-calibrate", cache_policy=NONE, retries=1, retry_delay_seconds=10)

@@ -19,7 +19,7 @@ from lafite_core.config import PipelineConfig
 from lafite_core.store.feature_store import FeatureStore, read_training_features
 from lafite_core.stages import TrainingPlan, train_model, training_key, training_summary
 from lafite_core.store.storage import Store
-from lafite_core.method.train import load_state, pick_device
+from lafite_core.method.train import load_state, pick_device, planned_epochs
 from tasks.progress import LogProgress, run_logger, worker_logger
 
 @dataclass(frozen=True)
@@ -50,7 +50,7 @@ def train_body(store_url: str, config_json: str, plan: TrainingPlan, run_id: str
     if store.exists(*ckpt):
         state = load_state(store.read_bytes(*ckpt), features.raw.shape[1], features.raw.shape[2], cfg.diffusion, dev)
         log.info("resuming training from checkpoint %s at epoch %d/%d", store.url(*ckpt), state.epoch,
-                 cfg.diffusion.epochs)
+                 planned_epochs(cfg.diffusion, features.raw.shape[0]))
     trained = train_model(
         features, cfg, plan.category_keys, backbone, str(dev), state=state,
         on_checkpoint=lambda st: store.write_bytes(ckpt, st.to_bytes(config_json)),

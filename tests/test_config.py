@@ -35,3 +35,13 @@ def test_frozen_and_validated():
         load_profile("gpu")
     with pytest.raises(ValidationError):
         PipelineConfig.model_validate({"nonsense": 1})
+
+
+def test_cpu_profile_has_a_step_budget_and_both_profiles_the_patchcore_baseline():
+    from lafite_core.config import CPU_TRAIN_STEPS, ViewConfig
+
+    p, c = paper_profile(), cpu_profile()
+    assert p.diffusion.max_steps is None and p.features == ViewConfig()  # LafitE as in the paper
+    assert c.diffusion.max_steps == CPU_TRAIN_STEPS and c.diffusion.epochs == 150  # epochs cap small sets
+    assert p.baseline.recipe == c.baseline.recipe == "patchcore"
+    assert c.baseline.view == ViewConfig(levels=(2, 3), local_aggregation=3) and c.baseline.keep_rate == 0.01

@@ -19,6 +19,7 @@ from lafite_core.stages import (
     CALIBRATION_FILE,
     CARD_FILE,
     CONFIG_FILE,
+    backbone_card,
     load_published,
     plan_training,
     score_category,
@@ -107,8 +108,11 @@ def test_changing_ddim_steps_reuses_the_trained_unet_and_changing_lr_does_not(tr
     url = str(tmp_path / "store")
     epochs = tiny_overrides["diffusion"]["epochs"]
 
+    card = backbone_card(FeatureExtractor(_config(small_demo, tiny_overrides).backbone))
+
     def train(cfg, run_id):
-        return train_body(url, cfg.to_json(), plan_training(discover(str(small_demo.root)), cfg), run_id, {}, [], "cpu")
+        return train_body(url, cfg.to_json(), plan_training(discover(str(small_demo.root)), cfg), run_id, card, [],
+                          "cpu")
 
     reused = train(_config(small_demo, tiny_overrides, scoring={"ddim_steps": 3}), "steps")
     assert reused.resumed_from_epoch == epochs and reused.epochs == epochs

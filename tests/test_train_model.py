@@ -7,7 +7,7 @@ import torch
 from lafite_core.config import cpu_profile
 from lafite_core.method.model import LafiteModel, Scorer
 from lafite_core.method.normalize import FeatureStats
-from lafite_core.method.train import load_state, new_state, train_unet
+from lafite_core.method.train import load_state, new_state, planned_epochs, train_unet
 
 
 def _cfg(epochs=4):
@@ -53,6 +53,34 @@ def test_feature_stats_normalise_and_roundtrip():
     st2 = FeatureStats.from_bytes(st.to_bytes())
     np.testing.assert_array_equal(st.mean, st2.mean)
     np.testing.assert_array_equal(st.std, st2.std)
+
+
+def test_step_budget_plans_whole_epochs():
+    cfg = _cfg(epochs=50).diffusion  # batch 4
+    assert planned_epochs(cfg, 12) == 50
+    assert planned_epochs(cfg.model_copy(update={"max_steps": 9}), 12) == 3  # 3 steps an epoch
+    assert planned_epochs(cfg.model_copy(update={"max_steps": 10}), 12) == 4  # the epoch that reaches it
+    assert planned_epochs(cfg.model_copy(update={"max_steps": 10_000}), 12) == 50  # epochs stay a cap
+    assert planned_epochs(cfg.model_copy(update={"max_steps": 1}), 1000) == 1
+    with pytest.raises(ValueError):
+        planned_epochs(cfg, 0)
+
+
+def test_step_budget_training_stops_drops_lr_and_resumes_exactly():
+    cfg = _cfg(epochs=50).diffusion.model_copy(update={"max_steps": 15})  # 12 samples, batch 4: 5 epochs
+    x = _features()
+    saved = {}
+    full = train_unet(x, cfg, seed=2, device=torch.device("cpu"),
+                      on_checkpoint=lambda st: saved.setdefault(st.epoch, st.to_bytes("{}")))
+    assert full.epoch == 5 and len(full.losses) == 5 and sorted(saved) == [2, 4, 5]
+    # lr x0.1 at 80% of the planned 5 epochs, not of the 50-epoch cap
+    assert full.optimizer.param_groups[0]["lr"] == pytest.approx(cfg.lr * 0.1)
+    resumed = train_unet(x, cfg, seed=2, device=torch.device("cpu"), state=load_state(saved[2], 6, 8, cfg,
+                                                                                        torch.device("cpu")))
+    assert resumed.epoch == 5
+    for (k, a), b in zip(full.unet.state_dict().items(), resumed.unet.state_dict().values()):
+        torch.testing.assert_close(a, b, msg=k)
+    assert resumed.losses == pytest.approx(full.losses)
 
 
 def test_model_files_roundtrip_and_scores_agree():

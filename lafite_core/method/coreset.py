@@ -111,6 +111,18 @@ def select_coreset(
     return Coreset(np.concatenate(chosen).astype(np.int64), num_chunks)
 
 
+def patch_bank(features: torch.Tensor, groups: np.ndarray, cfg: CoresetConfig, seed: int) -> np.ndarray:
+    """Feature maps [N, D, h, w] with category keys [N] -> memory bank [M, D] (eq. 9), per category first.
+
+    Rows are the coreset patches in their original order (image, then position), float32.
+    """
+    n, d, h, w = features.shape
+    patches = np.ascontiguousarray(features.permute(0, 2, 3, 1).reshape(-1, d).cpu().numpy(), dtype=np.float32)
+    codes = np.unique(groups, return_inverse=True)[1].astype(np.int32)
+    core = select_coreset(patches, cfg, seed, groups=np.repeat(codes, h * w))
+    return np.ascontiguousarray(patches[np.sort(core.indices)])
+
+
 def covering_radius(points: np.ndarray, centre_rows: np.ndarray, batch: int = 8192) -> float:
     """max over points [N, D] of the distance to the nearest of ``points[centre_rows]``."""
     x = torch.from_numpy(np.ascontiguousarray(points, dtype=np.float32))

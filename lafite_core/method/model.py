@@ -21,6 +21,7 @@ from lafite_core.method.ddim import DDIMSampler
 from lafite_core.method.editing import edit_features
 from lafite_core.method.knn import knn_for
 from lafite_core.method.normalize import FeatureStats
+from lafite_core.method.patchcore import patchcore_maps
 from lafite_core.method.schedule import cosine_schedule
 from lafite_core.method.scoring import (
     METHODS,
@@ -31,8 +32,17 @@ from lafite_core.method.scoring import (
     to_anomaly_maps,
 )
 from lafite_core.method.unet import UNet
+from lafite_core.method.views import apply_view
 
 MODEL_FILES = ("unet.pt", "stats.npz", "bank.npy", "model.json")
+BASELINE_BANK = "baseline_bank.npy"  # one more model file, with baseline.recipe "patchcore"
+OPTIONAL_MODEL_FILES = (BASELINE_BANK,)
+
+
+def _npy(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(array, dtype=np.float32), allow_pickle=False)
+    return buf.getvalue()
 
 
 @dataclass(frozen=True)
@@ -50,6 +60,7 @@ class LafiteModel:
     categories: tuple[str, ...]
     backbone: dict = field(default_factory=dict)
     extra: dict = field(default_factory=dict)
+    baseline_bank: np.ndarray | None = None  # [M', D'] raw PatchCore features (baseline.recipe "patchcore")
 
     @property
     def tau(self) -> int:
@@ -58,6 +69,12 @@ class LafiteModel:
     @property
     def k(self) -> int:
         return self.config.scoring.k
+
+    @property
+    def channels(self) -> tuple[int, ...] | None:
+        """Per-level channel counts of the stored features (from the backbone card), when known."""
+        ch = self.backbone.get("channels")
+        return tuple(int(c) for c in ch) if ch else None
 
     @property
     def feature_dim(self) -> int:
@@ -72,8 +89,6 @@ class LafiteModel:
     def to_files(self) -> dict[str, bytes]:
         buf = io.BytesIO()
         torch.save({k: v.detach().cpu() for k, v in self.unet.state_dict().items()}, buf)
-        bank = io.BytesIO()
-        np.save(bank, np.ascontiguousarray(self.bank, dtype=np.float32), allow_pickle=False)
         meta = {
             "config": json.loads(self.config.to_json()),
             "config_hash": config_hash(self.config),
@@ -85,12 +100,15 @@ class LafiteModel:
             "backbone": self.backbone,
             "extra": self.extra,
         }
-        return {
+        files = {
             "unet.pt": buf.getvalue(),
             "stats.npz": self.stats.to_bytes(),
-            "bank.npy": bank.getvalue(),
+            "bank.npy": _npy(self.bank),
             "model.json": json.dumps(meta, indent=2, sort_keys=True).encode(),
         }
+        if self.baseline_bank is not None:
+            files[BASELINE_BANK] = _npy(self.baseline_bank)
+        return files
 
     @classmethod
     def from_files(cls, files: dict[str, bytes], device: str | torch.device = "cpu") -> "LafiteModel":
@@ -98,9 +116,11 @@ class LafiteModel:
         if missing:
             raise ValueError(f"model is incomplete: missing {missing}")
         meta = json.loads(files["model.json"])
-        config = PipelineConfig.model_validate(meta["config"])
-        if config_hash(config) != meta["config_hash"]:
+        if config_hash(meta["config"]) != meta["config_hash"]:
             raise ValueError("model.json: config does not match its recorded hash")
+        config = PipelineConfig.model_validate(meta["config"])
+        if config.baseline.recipe == "patchcore" and BASELINE_BANK not in files:
+            raise ValueError(f"model is incomplete: missing ['{BASELINE_BANK}'] (baseline.recipe is patchcore)")
         if (config.scoring.tau, config.scoring.k) != (int(meta["tau"]), int(meta["k"])):
             # versions written before tau and K lived in the config recorded them beside it
             config = config.with_updates(scoring={"tau": int(meta["tau"]), "k": int(meta["k"])})
@@ -116,6 +136,8 @@ class LafiteModel:
             categories=tuple(meta["categories"]),
             backbone=meta.get("backbone", {}),
             extra=meta.get("extra", {}),
+            baseline_bank=np.load(io.BytesIO(files[BASELINE_BANK]), allow_pickle=False)
+            if BASELINE_BANK in files else None,
         )
 
 
@@ -128,9 +150,17 @@ class Scorer:
         self.model.unet.to(self.device).eval()
         self.sampler = DDIMSampler(cosine_schedule(model.config.diffusion.timesteps), model.config.scoring.eta)
         self.knn = knn_for(model.bank, self.device)
+        baseline = model.config.baseline
+        self.baseline_knn = None
+        if baseline.recipe == "patchcore":
+            if model.baseline_bank is None:
+                raise ValueError("baseline.recipe is patchcore but the model has no PatchCore bank")
+            self.baseline_knn = knn_for(model.baseline_bank, self.device)
 
     def normalize(self, raw: torch.Tensor) -> torch.Tensor:
-        return self.model.stats.apply(raw.to(self.device, torch.float32))
+        """Raw stored features [B, D, h, w] -> LafitE's view, standardised [B, D', h, w]."""
+        x = apply_view(raw.to(self.device, torch.float32), self.model.config.features, self.model.channels)
+        return self.model.stats.apply(x)
 
     def errors(
         self, x0: torch.Tensor, method: Method, seeds: Sequence[int],
@@ -162,10 +192,15 @@ class Scorer:
         """Raw features [N, D, h, w] -> AnomalyMaps ([N, S, S] maps, [N] scores), batched."""
         sc = self.model.config.scoring
         maps, scores = [], []
+        cfg = self.model.config
         for s in range(0, raw.shape[0], sc.batch_size):
-            x0 = self.normalize(raw[s : s + sc.batch_size])
-            err = self.errors(x0, method, seeds[s : s + sc.batch_size], tau, k)
-            out = to_anomaly_maps(err, self.model.config.data.image_size, sc.smoothing_sigma, sc.image_pool)
+            if method == "patchcore" and self.baseline_knn is not None:
+                out = patchcore_maps(raw[s : s + sc.batch_size].float(), self.model.baseline_bank, self.baseline_knn,
+                                     cfg.baseline, self.model.channels, cfg.data.image_size, sc.smoothing_sigma)
+            else:
+                x0 = self.normalize(raw[s : s + sc.batch_size])
+                err = self.errors(x0, method, seeds[s : s + sc.batch_size], tau, k)
+                out = to_anomaly_maps(err, cfg.data.image_size, sc.smoothing_sigma, sc.image_pool)
             maps.append(out.maps.cpu())
             scores.append(out.scores.cpu())
         return AnomalyMaps(torch.cat(maps), torch.cat(scores))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import logging
+import math
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -62,12 +63,27 @@ class TrainState:
         return buf.getvalue()
 
 
+def planned_epochs(cfg: DiffusionConfig, num_samples: int) -> int:
+    """Whole epochs a run trains: ``cfg.epochs``, or fewer when ``cfg.max_steps`` is reached first.
+
+    With a step budget the run ends after the epoch that reaches it (ceil(max_steps / steps per
+    epoch) epochs), so the per-epoch random streams, and with them resuming, stay as they are.
+    """
+    if num_samples < 1:
+        raise ValueError("no training samples")
+    if cfg.max_steps is None:
+        return cfg.epochs
+    per_epoch = math.ceil(num_samples / cfg.batch_size)
+    return max(1, min(cfg.epochs, math.ceil(cfg.max_steps / per_epoch)))
+
+
 def new_state(in_channels: int, feature_size: int, cfg: DiffusionConfig, seed: int,
-              device: torch.device) -> TrainState:
+              device: torch.device, epochs: int | None = None) -> TrainState:
+    """Fresh weights, AdamW and the lr drop at ``lr_drop_at`` of ``epochs`` (default ``cfg.epochs``)."""
     torch.manual_seed(seed)  # parameter initialisation is the one use of the global generator
     unet = UNet(in_channels, feature_size, cfg).to(device)
     opt = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    drop = max(1, int(round(cfg.lr_drop_at * cfg.epochs)))
+    drop = max(1, int(round(cfg.lr_drop_at * (epochs or cfg.epochs))))
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=[drop], gamma=0.1)
     return TrainState(unet, opt, sched)
 
@@ -94,7 +110,7 @@ def train_unet(
     on_checkpoint: Callable[[TrainState], None] | None = None,
     on_epoch: Callable[[int, float], None] | None = None,
 ) -> TrainState:
-    """Train (or continue training) on normalised features [N, D, S, S] up to ``cfg.epochs``.
+    """Train (or continue training) on normalised features [N, D, S, S] for :func:`planned_epochs`.
 
     ``on_checkpoint`` is called every ``cfg.checkpoint_every`` epochs and after the last one;
     ``on_epoch(epoch, mean_loss)`` after every epoch (progress display).
@@ -103,12 +119,13 @@ def train_unet(
         raise ValueError(f"need non-empty features [N, D, S, S], got {tuple(features.shape)}")
     device = device or pick_device()
     n, d, s, _ = features.shape
-    state = state or new_state(d, s, cfg, seed, device)
+    epochs = planned_epochs(cfg, n)
+    state = state or new_state(d, s, cfg, seed, device, epochs)
     schedule = cosine_schedule(cfg.timesteps)
     ab = torch.tensor(schedule.alphas_cumprod, dtype=torch.float32, device=device)
     data = features.to(device)
     state.unet.train()
-    for epoch in range(state.epoch, cfg.epochs):
+    for epoch in range(state.epoch, epochs):
         g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
         # timesteps and noise are drawn where the model runs (no host-to-GPU copy of the noise)
         g_dev = torch.Generator(device=device).manual_seed(seed * 1_000_003 + epoch)
@@ -134,7 +151,7 @@ def train_unet(
                                      f"lower the learning rate")
         if on_epoch:
             on_epoch(state.epoch, state.losses[-1])
-        if on_checkpoint and (state.epoch % cfg.checkpoint_every == 0 or state.epoch == cfg.epochs):
+        if on_checkpoint and (state.epoch % cfg.checkpoint_every == 0 or state.epoch == epochs):
             on_checkpoint(state)
     state.unet.eval()
     return state
