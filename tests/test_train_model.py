@@ -84,7 +84,7 @@ def test_step_budget_training_stops_drops_lr_and_resumes_exactly():
 
 
 def test_model_files_roundtrip_and_scores_agree():
-    cfg = _cfg()
+    cfg = _cfg().with_updates(baseline={"recipe": "shared"})  # PatchCore's own bank: test_views_patchcore
     x = _features()
     st = FeatureStats.fit(x)
     state = new_state(6, 8, cfg.diffusion, 0, torch.device("cpu"))

@@ -62,6 +62,10 @@ class LafiteModel:
     extra: dict = field(default_factory=dict)
     baseline_bank: np.ndarray | None = None  # [M', D'] raw PatchCore features (baseline.recipe "patchcore")
 
+    def __post_init__(self) -> None:
+        if self.config.baseline.recipe == "patchcore" and self.baseline_bank is None:
+            raise ValueError("baseline.recipe is patchcore: the model needs its PatchCore bank (baseline_bank)")
+
     @property
     def tau(self) -> int:
         return self.config.scoring.tau
@@ -150,12 +154,7 @@ class Scorer:
         self.model.unet.to(self.device).eval()
         self.sampler = DDIMSampler(cosine_schedule(model.config.diffusion.timesteps), model.config.scoring.eta)
         self.knn = knn_for(model.bank, self.device)
-        baseline = model.config.baseline
-        self.baseline_knn = None
-        if baseline.recipe == "patchcore":
-            if model.baseline_bank is None:
-                raise ValueError("baseline.recipe is patchcore but the model has no PatchCore bank")
-            self.baseline_knn = knn_for(model.baseline_bank, self.device)
+        self.baseline_knn = None if model.baseline_bank is None else knn_for(model.baseline_bank, self.device)
 
     def normalize(self, raw: torch.Tensor) -> torch.Tensor:
         """Raw stored features [B, D, h, w] -> LafitE's view, standardised [B, D', h, w]."""
@@ -194,7 +193,7 @@ class Scorer:
         maps, scores = [], []
         cfg = self.model.config
         for s in range(0, raw.shape[0], sc.batch_size):
-            if method == "patchcore" and self.baseline_knn is not None:
+            if method == "patchcore" and cfg.baseline.recipe == "patchcore":
                 out = patchcore_maps(raw[s : s + sc.batch_size].float(), self.model.baseline_bank, self.baseline_knn,
                                      cfg.baseline, self.model.channels, cfg.data.image_size, sc.smoothing_sigma)
             else:
