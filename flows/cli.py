@@ -183,6 +183,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from flows.params import ScoreParams, TrainParams
     from flows.train import train_flow
     from flows.demo_data import generate_demo_dataset
+    from lafite_core.store import layout
+    from lafite_core.store.storage import Store
 
     root = Path(args.dir).resolve()
     started = time.perf_counter()
@@ -200,12 +202,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
     sc = batch_score_flow(ScoreParams(source=str(dump), store=store, heatmaps=True, ray_address=args.ray_address))
     assert tr.evaluation is not None
     _print_rows(tr.evaluation.rows)
-    print(f"\nmodel version: {tr.model_version} in {store}/models (tau={tr.tau}, K={tr.k})")
+    where = Store(store)
+    print(f"\nmodel version: {tr.model_version} in {where.url(*layout.models())} (tau={tr.tau}, K={tr.k})")
     print(f"metrics:       {tr.evaluation.metrics_url}")
     print(f"summary:       {tr.evaluation.summary_url}")
     print(f"batch scores:  {sc.table_url} ({sc.scored} images scored, {sc.errors} errors)")
-    print(f"heat maps:     {store}/heatmaps/{tr.model_version}/{sc.run_id}/")
-    print(f"features:      {store}/features/")
+    print(f"heat maps:     {where.url(*layout.heatmaps(tr.model_version, sc.run_id))}/")
+    print(f"features:      {where.url(*layout.features_root())}/")
     print(f"done in {(time.perf_counter() - started) / 60:.1f} min")
     return 0
 

@@ -33,7 +33,7 @@ CHECKPOINT_FILE = "train_state.pt"
 
 
 def features(feature_key: str, dataset: str, category: str) -> Parts:
-    return ["features", feature_key, dataset, category]
+    return [*features_root(), feature_key, dataset, category]
 
 
 def checkpoint(training_key: str) -> Parts:
@@ -42,6 +42,10 @@ def checkpoint(training_key: str) -> Parts:
 
 def staged(run_id: str, name: str) -> Parts:
     return ["runs", run_id, "staged", name]
+
+
+def features_root() -> Parts:
+    return ["features"]
 
 
 def models() -> Parts:
@@ -65,6 +69,11 @@ def scores(version: str, *rest: str) -> Parts:
     return ["tables", "scores", version, *rest]
 
 
+def heatmaps(version: str, run_id: str) -> Parts:
+    """The folder of one batch-scoring run's overlays."""
+    return ["heatmaps", version, run_id]
+
+
 def heatmap(version: str, run_id: str, relative: Sequence[str]) -> Parts:
     """The overlay of the image at ``relative`` (path components below the scored source)."""
-    return ["heatmaps", version, run_id, *relative[:-1], posixpath.splitext(relative[-1])[0] + ".png"]
+    return [*heatmaps(version, run_id), *relative[:-1], posixpath.splitext(relative[-1])[0] + ".png"]
