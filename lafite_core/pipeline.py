@@ -73,6 +73,7 @@ def fit(
     plan = plan_training(categories, cfg)
     extractor = extractor or FeatureExtractor(cfg.backbone)
     sink = MemoryFeatures(cfg)
+    # held-out images too, as the train flow does: the same backbone batches give the same features
     report = extract_into(sink, plan.fit + plan.holdout, extractor, storage_options, progress=progress)
     for url, error in report.failures:
         log.warning("skipping unreadable training image: %s (%s)", url, error)

@@ -165,9 +165,15 @@ class Scorer:
         self, x0: torch.Tensor, method: Method, seeds: Sequence[int],
         tau: int | None = None, k: int | None = None,
     ) -> torch.Tensor:
-        """Normalised features [B, D, h, w] -> feature-level errors [B, h, w]."""
+        """Normalised features [B, D, h, w] -> feature-level errors [B, h, w].
+
+        ``patchcore`` here is the ``shared`` recipe; PatchCore's own recipe scores raw features in
+        :meth:`score`.
+        """
         if method not in METHODS:
             raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
+        if method == "patchcore" and self.model.config.baseline.recipe == "patchcore":
+            raise ValueError("PatchCore's own recipe scores raw features: use Scorer.score")
         k = self.model.k if k is None else k
         tau = self.model.tau if tau is None else tau
         if method == "patchcore":
