@@ -40,11 +40,11 @@ Overrides = dict[str, dict[str, Any]]
 
 VARIANTS: dict[str, Overrides] = {
     "baseline (cpu profile)": {},
-    "view: levels 2-3, 3x3 average": {"features": {"levels": (2, 3), "local_aggregation": 3}},
-    "view: levels 1-3, 3x3 average": {"features": {"levels": (1, 2, 3), "local_aggregation": 3}},
-    "view: all levels, 3x3 average": {"features": {"levels": None, "local_aggregation": 3}},
+    "view: 3x3 stored cells": {"features": {"aggregate_at": "stored"}},
+    "view: no averaging": {"features": {"local_aggregation": 1}},
+    "view: strides 8-16": {"features": {"levels": (0, 1)}},
     "U-Net base 128": {"diffusion": {"base_channels": 128}},
-    "coreset 1%": {"coreset": {"keep_rate": 0.01}},
+    "coreset 3%": {"coreset": {"keep_rate": 0.03}},
 }
 """Row name -> config overrides on top of the ``cpu`` profile and the common overrides (the variant's win)."""
 

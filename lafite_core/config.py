@@ -135,6 +135,11 @@ class ViewConfig(_Frozen):
     local_aggregation: int = Field(
         1, ge=1, description="odd k: every patch is averaged with its k x k neighbourhood (1: none; PatchCore: 3)"
     )
+    aggregate_at: Literal["stored", "native"] = Field(
+        "stored",
+        description="where k x k is counted: 'stored' cells of the resized maps, or 'native' cells of each "
+        "level's own grid (PatchCore: the stride-16 level's 3 x 3 covers twice the area of the stride-8 one)",
+    )
 
     @field_validator("local_aggregation")
     @classmethod
@@ -161,7 +166,7 @@ class BaselineConfig(_Frozen):
     """
 
     recipe: Literal["shared", "patchcore"] = "shared"
-    view: ViewConfig = ViewConfig(levels=(2, 3), local_aggregation=3)
+    view: ViewConfig = ViewConfig(levels=(2, 3), local_aggregation=3, aggregate_at="native")
     keep_rate: float = Field(0.01, gt=0, le=1, description="coreset keep rate of the PatchCore bank")
     reweight_neighbours: int = Field(
         9, ge=1, description="b of PatchCore's image-score reweighting (support of the nearest bank patch)"
@@ -255,10 +260,16 @@ steps on magnetic_tile + metal_plate in 607 s; about 0.7 s on the Intel Xeon one
 
 
 def cpu_profile() -> PipelineConfig:
-    """Lite0 and a small U-Net: a few real categories train and score on 2 CPU cores in minutes."""
+    """Lite0 and a small U-Net: a few real categories train and score on 2 CPU cores in minutes.
+
+    Features: Lite0's stride-8, -16 and -32 levels (out_indices 2, 3, 4), each averaged over 3 x 3
+    cells of its own grid (the ablation in bench/results/ablation.md). PatchCore keeps its own recipe:
+    the stride-8 and -16 levels (positions 0 and 1 here).
+    """
     return PipelineConfig(
         profile="cpu",
-        backbone=BackboneConfig(name="tf_efficientnet_lite0"),
+        backbone=BackboneConfig(name="tf_efficientnet_lite0", out_indices=(2, 3, 4)),
+        features=ViewConfig(local_aggregation=3, aggregate_at="native"),
         diffusion=DiffusionConfig(
             base_channels=64,
             channel_mult=(1, 2, 2),
@@ -272,7 +283,8 @@ def cpu_profile() -> PipelineConfig:
         ),
         scoring=ScoringConfig(ddim_steps=5, batch_size=16),
         search=SearchConfig(taus=(50, 100, 200, 300, 400), ks=(1, 3, 5, 7)),
-        baseline=BaselineConfig(recipe="patchcore"),
+        baseline=BaselineConfig(
+            recipe="patchcore", view=ViewConfig(levels=(0, 1), local_aggregation=3, aggregate_at="native")),
     )
 
 

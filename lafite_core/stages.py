@@ -20,6 +20,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -36,6 +37,7 @@ from lafite_core.store.feature_store import ExtractionReport, TrainingFeatures, 
 from lafite_core.datapath.features import LoadFailure, extract, load_many
 from lafite_core.datapath.heatmap import overlay_png
 from lafite_core.method.metrics import CategoryMetrics, aupro, auroc, average_precision, compute_category_metrics
+from lafite_core.method.knn import Neighbours
 from lafite_core.method.model import MODEL_FILES, LafiteModel, Scorer
 from lafite_core.method.normalize import FeatureStats
 from lafite_core.method.scoring import METHODS, AnomalyMaps, Method
@@ -43,7 +45,7 @@ from lafite_core.method.search import SearchResult, search_hyperparameters
 from lafite_core.store.storage import Store
 from lafite_core.method.synthesis import build_pseudo_anomalies
 from lafite_core.store.tables import METRIC_COLUMNS, parquet_bytes, search_table
-from lafite_core.method.views import apply_view
+from lafite_core.method.views import apply_view, native_grids
 from lafite_core.method.train import TrainState, pick_device, planned_epochs, train_unet
 
 log = logging.getLogger(__name__)
@@ -158,9 +160,9 @@ def image_seed(base: int, content_hash: str) -> int:
 
 
 def backbone_card(extractor: FeatureExtractor) -> dict:
-    """What a model records about its backbone: name, weight source, level channels."""
+    """What a model records about its backbone: name, weight source, level channels and strides."""
     return {"name": extractor.info.name, "weights": extractor.info.weights_source,
-            "channels": list(extractor.info.channels)}
+            "channels": list(extractor.info.channels), "reductions": list(extractor.info.reductions)}
 
 
 # --------------------------------------------------------------------------- train
@@ -207,7 +209,8 @@ def train_model(
     """
     raw = features.raw
     channels = backbone.get("channels")
-    viewed = apply_view(torch.from_numpy(raw), cfg.features, channels)
+    grids = native_grids(backbone, cfg.data.image_size)
+    viewed = apply_view(torch.from_numpy(raw), cfg.features, channels, grids)
     stats = FeatureStats.fit(viewed)
     normalized = stats.apply(viewed)
     del viewed
@@ -223,7 +226,7 @@ def train_model(
     baseline_bank = None
     if cfg.baseline.recipe == "patchcore":
         baseline_bank = patchcore.build_bank(torch.from_numpy(raw), features.groups, cfg.baseline, cfg.coreset,
-                                             channels, cfg.seed)
+                                             channels, grids, cfg.seed)
     model = LafiteModel(
         config=cfg, stats=stats, unet=state.unet, bank=bank, categories=tuple(sorted(categories)), backbone=backbone,
         extra={"config_hash": config_hash(cfg), "train_images": len(features.entries), "bank_size": int(bank.shape[0]),
@@ -282,14 +285,24 @@ def build_pseudo_validation(
 
 
 def pseudo_evaluator(scorer: Scorer, pseudo: PseudoValidation, progress: Progress = quiet):
-    """The search's evaluate(tau, k) on the pseudo-validation set: mean per-category AUROCs."""
+    """The search's evaluate(tau, k) on the pseudo-validation set: mean per-category AUROCs.
+
+    The bank is searched once, for the largest K of the grid, at the first K evaluated; every K reuses
+    those neighbours (the nearest k of the largest K's are the k nearest).
+    """
     calls = [0]
     feats = torch.from_numpy(pseudo.features)
     search = scorer.model.config.search
+    found: list[Neighbours] = []
 
     def evaluate(tau: int, k: int | None) -> tuple[float, float | None]:
         method: Method = "lafite" if k is not None else "lafite_no_edit"
-        out = scorer.score(feats, method, pseudo.seeds, tau=tau, k=k)
+        start = time.perf_counter()
+        if k is not None and not found:
+            found.append(scorer.neighbours(feats, max(search.ks)))
+            log.info("search: bank neighbours of %d pseudo-validation patches (K=%d) in %.1f s",
+                     found[0].indices.shape[0], max(search.ks), time.perf_counter() - start)
+        out = scorer.score(feats, method, pseudo.seeds, tau=tau, k=k, found=found[0] if k is not None else None)
         img, pix = [], []
         for key in np.unique(pseudo.categories):
             sel = pseudo.categories == key
@@ -300,6 +313,7 @@ def pseudo_evaluator(scorer: Scorer, pseudo: PseudoValidation, progress: Progres
             img.append(m.image_auroc)
             pix.append(m.pixel_auroc)
         calls[0] += 1
+        log.info("search: tau=%d K=%s scored in %.1f s", tau, k, time.perf_counter() - start)
         progress("search", calls[0], len(search.taus) + len(search.ks))
         return float(np.mean(img)), float(np.mean(pix))
 

@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from pydantic import ValidationError
 
 from lafite_core.config import BaselineConfig, CoresetConfig, ViewConfig, config_hash, cpu_profile
@@ -13,7 +14,7 @@ from lafite_core.method.model import BASELINE_BANK, LafiteModel, Scorer
 from lafite_core.method.normalize import FeatureStats
 from lafite_core.method.patchcore import build_bank, patchcore_maps, reweighted_scores
 from lafite_core.method.train import new_state
-from lafite_core.method.views import apply_view, view_channels
+from lafite_core.method.views import apply_view, level_window, native_grids, view_channels
 
 CHANNELS = (2, 3, 4)  # three levels, 9 channels
 
@@ -52,8 +53,39 @@ def test_view_config_is_validated():
         ViewConfig(local_aggregation=2)
     with pytest.raises(ValidationError, match="distinct"):
         ViewConfig(levels=(1, 1))
-    with pytest.raises(ValidationError, match="gives 4 levels"):
-        cpu_profile().with_updates(features={"levels": (4,)})
+    with pytest.raises(ValidationError, match="gives 3 levels"):
+        cpu_profile().with_updates(features={"levels": (3,)})
+
+
+def test_level_window_spans_native_cells():
+    # lite0 at 224 px, levels resized to 32: strides 8, 16, 32 have 28, 14, 7 native cells
+    assert native_grids({"reductions": [8, 16, 32]}, 224) == (28, 14, 7)
+    assert native_grids({"channels": [2, 3]}, 224) is None  # a card from before strides were recorded
+    assert [level_window(3, 32, n) for n in (112, 56, 28, 14, 7)] == [1, 1, 3, 7, 13]
+    assert level_window(1, 32, 7) == 5  # one native cell of a 7 x 7 level is ~4.6 stored cells
+
+
+def test_native_aggregation_matches_aggregating_before_the_resize():
+    """Averaging k x k native cells then resizing ~ resizing then averaging the matching window."""
+    g = torch.Generator().manual_seed(3)
+    native = torch.randn(2, 4, 8, 8, generator=g)  # a level on its own 8 x 8 grid
+    stored = F.interpolate(native, size=(32, 32), mode="bilinear", align_corners=False)
+    x = torch.cat([torch.randn(2, 2, 32, 32, generator=g), stored], dim=1)  # levels: 2 + 4 channels
+    view = ViewConfig(levels=(1,), local_aggregation=3, aggregate_at="native")
+    got = apply_view(x, view, (2, 4), grids=(32, 8))
+    want = F.interpolate(F.avg_pool2d(native, 3, 1, 1, count_include_pad=False), size=(32, 32), mode="bilinear",
+                         align_corners=False)
+    inner = (slice(None), slice(None), slice(8, 24), slice(8, 24))  # away from the border
+    assert (got - want)[inner].abs().mean() < 0.25 * want[inner].abs().mean()
+    # 3 x 3 stored cells is a much smaller neighbourhood: far from the native average
+    small = apply_view(x, view.model_copy(update={"aggregate_at": "stored"}), (2, 4))
+    assert (small - want)[inner].abs().mean() > 3 * (got - want)[inner].abs().mean()
+    # each level gets its own window; all levels when levels is None
+    both = apply_view(x, ViewConfig(local_aggregation=3, aggregate_at="native"), (2, 4), grids=(32, 8))
+    torch.testing.assert_close(both[:, 2:], got)
+    torch.testing.assert_close(both[:, :2], F.avg_pool2d(x[:, :2], 3, 1, 1, count_include_pad=False))
+    with pytest.raises(ValueError, match="native grid"):
+        apply_view(x, view, (2, 4))
 
 
 def test_reweighted_score_matches_patchcore_formula():
@@ -72,25 +104,28 @@ def test_reweighted_score_matches_patchcore_formula():
 def test_patchcore_bank_size_and_maps_find_the_odd_patch():
     base = BaselineConfig(recipe="patchcore", view=ViewConfig(levels=(1, 2), local_aggregation=1), keep_rate=0.25)
     train = torch.zeros(4, 9, 8, 8) + torch.arange(8.0).view(1, 1, 1, 8) * 0.01
-    bank = build_bank(train, np.array(["a", "a", "b", "b"]), base, CoresetConfig(projection_dim=4), [2, 3, 4], 0)
+    bank = build_bank(train, np.array(["a", "a", "b", "b"]), base, CoresetConfig(projection_dim=4), [2, 3, 4], None, 0)
     assert bank.shape == (2 * round(0.25 * 128), 7)
     test = train[:2].clone()
     test[1, 2:, 5, 5] += 3.0  # one anomalous patch in the second image
-    out = patchcore_maps(test, bank, knn_for(bank), base, CHANNELS, 32, 1.0)
+    out = patchcore_maps(test, bank, knn_for(bank), base, CHANNELS, None, 32, 1.0)
     assert out.maps.shape == (2, 32, 32)
     assert out.scores[1] > 10 * max(float(out.scores[0]), 1e-6)
     peak = np.unravel_index(int(out.maps[1].argmax()), (32, 32))
     assert abs(peak[0] - 22) <= 3 and abs(peak[1] - 22) <= 3  # patch (5, 5) of 8 covers pixels 20-23
 
 
-def _model(cfg):
-    x = torch.randn(6, 192, 8, 8, generator=torch.Generator().manual_seed(1))
-    card = {"channels": [16, 24, 40, 112]}
-    viewed = apply_view(x, cfg.features, card["channels"])
+def _model(cfg, card=None):
+    card = card or {"channels": [40, 112, 320], "reductions": [8, 16, 32]}  # the cpu profile's lite0 levels
+    x = torch.randn(6, sum(card["channels"]), 8, 8, generator=torch.Generator().manual_seed(1))
+    grids = native_grids(card, cfg.data.image_size)
+    viewed = apply_view(x, cfg.features, card["channels"], grids)
     st = FeatureStats.fit(viewed)
     state = new_state(viewed.shape[1], 8, cfg.diffusion, 0, torch.device("cpu"))
     bank = st.apply(viewed).permute(0, 2, 3, 1).reshape(-1, viewed.shape[1]).numpy()[::5].copy()
-    pc = build_bank(x, np.array(["d/c"] * 6), cfg.baseline, cfg.coreset, card["channels"], 0)
+    pc = None
+    if cfg.baseline.recipe == "patchcore":
+        pc = build_bank(x, np.array(["d/c"] * 6), cfg.baseline, cfg.coreset, card["channels"], grids, 0)
     return x, LafiteModel(cfg, st, state.unet.eval(), bank, ("d/c",), card, baseline_bank=pc)
 
 
@@ -101,9 +136,10 @@ def _cfg(**updates):
 
 
 def test_model_with_views_and_patchcore_bank_roundtrips():
-    cfg = _cfg(features={"levels": (1, 2, 3), "local_aggregation": 3})
+    cfg = _cfg(features={"levels": (1, 2), "local_aggregation": 3})
     x, model = _model(cfg)
-    assert model.feature_dim == 176 and model.baseline_bank.shape[1] == 152
+    assert model.feature_dim == 432 and model.baseline_bank.shape[1] == 152
+    assert model.grids == (28, 14, 7)
     files = model.to_files()
     again = LafiteModel.from_files(files)
     np.testing.assert_array_equal(again.baseline_bank, model.baseline_bank)
@@ -118,8 +154,10 @@ def test_model_with_views_and_patchcore_bank_roundtrips():
 
 
 def test_versions_recorded_before_views_and_baselines_still_load():
-    cfg = _cfg().with_updates(baseline={"recipe": "shared"})
-    _, model = _model(cfg)
+    # before views and baselines: the paper's four levels, no strides on the card
+    cfg = _cfg().with_updates(baseline={"recipe": "shared"}, backbone={"out_indices": (0, 1, 2, 3)},
+                              features={"local_aggregation": 1})
+    _, model = _model(cfg, {"channels": [16, 24, 40, 112]})
     files = {k: v for k, v in model.to_files().items() if k != BASELINE_BANK}
     meta = json.loads(files["model.json"])
     for key in ("features", "baseline"):  # as written before these sections existed
@@ -132,3 +170,20 @@ def test_versions_recorded_before_views_and_baselines_still_load():
     files["model.json"] = json.dumps(meta).encode()
     with pytest.raises(ValueError, match="hash"):
         LafiteModel.from_files(files)
+
+
+def test_neighbours_searched_once_serve_every_smaller_k():
+    cfg = _cfg().with_updates(baseline={"recipe": "shared"}, scoring={"batch_size": 4})  # two batches
+    x, model = _model(cfg)
+    scorer = Scorer(model, "cpu")
+    found = scorer.neighbours(x, 5)
+    assert found.indices.shape == (6 * 8 * 8, 5)
+    for method, k in (("lafite", 1), ("lafite", 3), ("lafite", 5), ("patchcore", None)):
+        fresh = scorer.score(x, method, list(range(6)), tau=100, k=k)
+        reused = scorer.score(x, method, list(range(6)), tau=100, k=k, found=found)
+        torch.testing.assert_close(reused.scores, fresh.scores)
+        torch.testing.assert_close(reused.maps, fresh.maps)
+    with pytest.raises(ValueError, match="patches"):
+        scorer.score(x[:3], "lafite", [0, 1, 2], k=3, found=found)
+    with pytest.raises(ValueError, match="K=7"):
+        scorer.score(x, "lafite", list(range(6)), k=7, found=found)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from lafite_core.method.knn import KNN
+from lafite_core.method.knn import KNN, Neighbours
 
 
 def editing_weights(distances: torch.Tensor) -> torch.Tensor:
@@ -21,15 +21,23 @@ def editing_weights(distances: torch.Tensor) -> torch.Tensor:
     return (1.0 - torch.softmax(distances, dim=1)) / (k - 1)
 
 
-def edit_features(features: torch.Tensor, bank: np.ndarray, knn: KNN, k: int) -> torch.Tensor:
-    """features [B, D, H, W] -> edited [B, D, H, W]; ``bank`` [M, D] is the coreset ``knn`` indexes."""
+def edit_features(features: torch.Tensor, bank: np.ndarray, knn: KNN, k: int,
+                  found: Neighbours | None = None) -> torch.Tensor:
+    """features [B, D, H, W] -> edited [B, D, H, W]; ``bank`` [M, D] is the coreset ``knn`` indexes.
+
+    ``found``: the patches' neighbours when already searched (rows in the order image, then position;
+    at least k columns; the first k are used), so one search for the largest K serves every smaller K.
+    """
     b, d, h, w = features.shape
     if bank.shape[1] != d:
         raise ValueError(f"bank has {bank.shape[1]} channels but features have {d}")
-    queries = features.permute(0, 2, 3, 1).reshape(-1, d).detach().cpu().numpy()
-    nb = knn.search(queries, k)
-    dist = torch.from_numpy(np.sqrt(nb.distances))
+    if found is None:
+        queries = features.permute(0, 2, 3, 1).reshape(-1, d).detach().cpu().numpy()
+        found = knn.search(queries, k)
+    elif found.indices.shape[0] != b * h * w or found.indices.shape[1] < k:
+        raise ValueError(f"neighbours {found.indices.shape} do not cover {b * h * w} patches with K={k}")
+    dist = torch.from_numpy(np.sqrt(found.distances[:, :k]))
     weights = editing_weights(dist)  # [Q, K]
-    neighbours = torch.from_numpy(bank[nb.indices.reshape(-1)]).view(-1, k, d)  # [Q, K, D]
+    neighbours = torch.from_numpy(bank[found.indices[:, :k].reshape(-1)]).view(-1, k, d)  # [Q, K, D]
     edited = (weights.unsqueeze(-1) * neighbours).sum(1)
     return edited.view(b, h, w, d).permute(0, 3, 1, 2).contiguous().to(features.device, features.dtype)

@@ -19,7 +19,7 @@ import torch
 from lafite_core.config import PipelineConfig, config_hash
 from lafite_core.method.ddim import DDIMSampler
 from lafite_core.method.editing import edit_features
-from lafite_core.method.knn import knn_for
+from lafite_core.method.knn import Neighbours, knn_for
 from lafite_core.method.normalize import FeatureStats
 from lafite_core.method.patchcore import patchcore_maps
 from lafite_core.method.schedule import cosine_schedule
@@ -32,7 +32,7 @@ from lafite_core.method.scoring import (
     to_anomaly_maps,
 )
 from lafite_core.method.unet import UNet
-from lafite_core.method.views import apply_view
+from lafite_core.method.views import apply_view, native_grids
 
 MODEL_FILES = ("unet.pt", "stats.npz", "bank.npy", "model.json")
 BASELINE_BANK = "baseline_bank.npy"  # one more model file, with baseline.recipe "patchcore"
@@ -79,6 +79,11 @@ class LafiteModel:
         """Per-level channel counts of the stored features (from the backbone card), when known."""
         ch = self.backbone.get("channels")
         return tuple(int(c) for c in ch) if ch else None
+
+    @property
+    def grids(self) -> tuple[int, ...] | None:
+        """Per-level native grid sides of the stored features (from the card's strides), when known."""
+        return native_grids(self.backbone, self.config.data.image_size)
 
     @property
     def feature_dim(self) -> int:
@@ -158,17 +163,18 @@ class Scorer:
 
     def normalize(self, raw: torch.Tensor) -> torch.Tensor:
         """Raw stored features [B, D, h, w] -> LafitE's view, standardised [B, D', h, w]."""
-        x = apply_view(raw.to(self.device, torch.float32), self.model.config.features, self.model.channels)
+        x = apply_view(raw.to(self.device, torch.float32), self.model.config.features, self.model.channels,
+                       self.model.grids)
         return self.model.stats.apply(x)
 
     def errors(
         self, x0: torch.Tensor, method: Method, seeds: Sequence[int],
-        tau: int | None = None, k: int | None = None,
+        tau: int | None = None, k: int | None = None, found: Neighbours | None = None,
     ) -> torch.Tensor:
         """Normalised features [B, D, h, w] -> feature-level errors [B, h, w].
 
         ``patchcore`` here is the ``shared`` recipe; PatchCore's own recipe scores raw features in
-        :meth:`score`.
+        :meth:`score`. ``found``: the patches' bank neighbours when already searched (:meth:`neighbours`).
         """
         if method not in METHODS:
             raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
@@ -178,33 +184,56 @@ class Scorer:
         tau = self.model.tau if tau is None else tau
         if method == "patchcore":
             d = x0.shape[1]
-            queries = x0.permute(0, 2, 3, 1).reshape(-1, d).cpu().numpy()
-            nearest = torch.from_numpy(self.knn.search(queries, 1).distances[:, 0])
-            return nearest_distance_errors(x0, nearest)
+            if found is None:
+                found = self.knn.search(x0.permute(0, 2, 3, 1).reshape(-1, d).cpu().numpy(), 1)
+            return nearest_distance_errors(x0, torch.from_numpy(np.ascontiguousarray(found.distances[:, 0])))
         editor = None
         if method == "lafite":
-            editor = lambda x: edit_features(x, self.model.bank, self.knn, k)  # noqa: E731
+            editor = lambda x: edit_features(x, self.model.bank, self.knn, k, found)  # noqa: E731
         return lafite_errors(
             x0, self.model.unet, self.sampler, tau,
             self.model.config.scoring.ddim_steps, seeds, editor,
         )
 
     @torch.no_grad()
+    def neighbours(self, raw: torch.Tensor, k: int) -> Neighbours:
+        """The k nearest bank members of every patch of raw features [N, D, h, w] (LafitE's view),
+        rows in the order image, then position: searched once, reusable for every K <= k."""
+        sc = self.model.config.scoring
+        parts = []
+        for s in range(0, raw.shape[0], sc.batch_size):
+            x0 = self.normalize(raw[s : s + sc.batch_size])
+            parts.append(self.knn.search(x0.permute(0, 2, 3, 1).reshape(-1, x0.shape[1]).cpu().numpy(), k))
+        return Neighbours(np.concatenate([p.distances for p in parts]), np.concatenate([p.indices for p in parts]))
+
+    @torch.no_grad()
     def score(
         self, raw: torch.Tensor, method: Method, seeds: Sequence[int],
-        tau: int | None = None, k: int | None = None,
+        tau: int | None = None, k: int | None = None, found: Neighbours | None = None,
     ) -> AnomalyMaps:
-        """Raw features [N, D, h, w] -> AnomalyMaps ([N, S, S] maps, [N] scores), batched."""
+        """Raw features [N, D, h, w] -> AnomalyMaps ([N, S, S] maps, [N] scores), batched.
+
+        ``found``: every patch's bank neighbours from :meth:`neighbours` (LafitE and the shared
+        recipe), so that scoring the same features at several K searches the bank once.
+        """
         sc = self.model.config.scoring
         maps, scores = [], []
         cfg = self.model.config
+        patches = raw.shape[-2] * raw.shape[-1]
+        if found is not None and found.indices.shape[0] != raw.shape[0] * patches:
+            raise ValueError(f"neighbours for {found.indices.shape[0]} patches given for {raw.shape[0] * patches}")
         for s in range(0, raw.shape[0], sc.batch_size):
+            part = None
+            if found is not None:
+                rows = slice(s * patches, (s + sc.batch_size) * patches)
+                part = Neighbours(found.distances[rows], found.indices[rows])
             if method == "patchcore" and cfg.baseline.recipe == "patchcore":
                 out = patchcore_maps(raw[s : s + sc.batch_size].float(), self.model.baseline_bank, self.baseline_knn,
-                                     cfg.baseline, self.model.channels, cfg.data.image_size, sc.smoothing_sigma)
+                                     cfg.baseline, self.model.channels, self.model.grids, cfg.data.image_size,
+                                     sc.smoothing_sigma)
             else:
                 x0 = self.normalize(raw[s : s + sc.batch_size])
-                err = self.errors(x0, method, seeds[s : s + sc.batch_size], tau, k)
+                err = self.errors(x0, method, seeds[s : s + sc.batch_size], tau, k, part)
                 out = to_anomaly_maps(err, cfg.data.image_size, sc.smoothing_sigma, sc.image_pool)
             maps.append(out.maps.cpu())
             scores.append(out.scores.cpu())

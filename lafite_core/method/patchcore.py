@@ -2,8 +2,8 @@
 baseline LafitE is measured against, on the same stored backbone features.
 
 - Features: the baseline's view of the stored features (by default the stride-8 and stride-16 levels,
-  each patch averaged with its 3 x 3 neighbourhood: "locally aware patch features"), raw (PatchCore
-  does not standardise them).
+  each patch averaged with its 3 x 3 neighbourhood on its level's own grid: "locally aware patch
+  features"), raw (PatchCore does not standardise them).
 - Memory bank: greedy coreset of all training patches of all categories (1% by default), with the same
   chunked k-center as LafitE's bank (eq. 9 of LafitE).
 - Pixel map: the distance of every patch to its nearest bank member, upsampled and smoothed as
@@ -35,9 +35,11 @@ def patches(x: torch.Tensor) -> np.ndarray:
 
 
 def build_bank(raw: torch.Tensor, groups: np.ndarray, baseline: BaselineConfig, coreset: CoresetConfig,
-               channels: Sequence[int] | None, seed: int) -> np.ndarray:
-    """Raw training features [N, D, h, w], category keys [N] -> PatchCore bank [M, D'] (coreset per category first)."""
-    return patch_bank(apply_view(raw, baseline.view, channels), groups,
+               channels: Sequence[int] | None, grids: Sequence[int] | None, seed: int) -> np.ndarray:
+    """Raw training features [N, D, h, w], category keys [N] -> PatchCore bank [M, D'] (coreset per category first).
+
+    ``channels`` and ``grids``: the stored levels' channel counts and native grid sides (see views)."""
+    return patch_bank(apply_view(raw, baseline.view, channels, grids), groups,
                       coreset.model_copy(update={"keep_rate": baseline.keep_rate}), seed)
 
 
@@ -62,9 +64,10 @@ def reweighted_scores(query: np.ndarray, nearest_sq: np.ndarray, nearest_idx: np
 
 
 def patchcore_maps(raw: torch.Tensor, bank: np.ndarray, knn: KNN, baseline: BaselineConfig,
-                   channels: Sequence[int] | None, image_size: int, sigma: float) -> AnomalyMaps:
+                   channels: Sequence[int] | None, grids: Sequence[int] | None, image_size: int,
+                   sigma: float) -> AnomalyMaps:
     """Raw features [B, D, h, w] -> AnomalyMaps: smoothed distance maps [B, S, S] and reweighted scores [B]."""
-    x = apply_view(raw, baseline.view, channels)
+    x = apply_view(raw, baseline.view, channels, grids)
     bsz, d, h, w = x.shape
     q = patches(x)
     found = knn.search(q, 1)
