@@ -209,6 +209,9 @@ def train_model(
     """
     raw = features.raw
     channels = backbone.get("channels")
+    if channels is not None and len(channels) != len(cfg.backbone.out_indices):
+        raise ValueError(f"the features come from a backbone with {len(channels)} levels but the config asks for "
+                         f"out_indices {cfg.backbone.out_indices}: extract them with this config's backbone")
     grids = native_grids(backbone, cfg.data.image_size)
     viewed = apply_view(torch.from_numpy(raw), cfg.features, channels, grids)
     stats = FeatureStats.fit(viewed)

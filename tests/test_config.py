@@ -44,4 +44,7 @@ def test_cpu_profile_has_a_step_budget_and_both_profiles_the_patchcore_baseline(
     assert p.diffusion.max_steps is None and p.features == ViewConfig()  # LafitE as in the paper
     assert c.diffusion.max_steps == CPU_TRAIN_STEPS and c.diffusion.epochs == 150  # epochs cap small sets
     assert p.baseline.recipe == c.baseline.recipe == "patchcore"
-    assert c.baseline.view == ViewConfig(levels=(2, 3), local_aggregation=3) and c.baseline.keep_rate == 0.01
+    for cfg in (p, c):  # PatchCore's recipe: the stride-8 and -16 levels, 3 x 3 cells of their own grids
+        strides = [2 ** (cfg.backbone.out_indices[lv] + 1) for lv in cfg.baseline.view.levels]
+        assert strides == [8, 16] and cfg.baseline.keep_rate == 0.01
+        assert (cfg.baseline.view.local_aggregation, cfg.baseline.view.aggregate_at) == (3, "native")
