@@ -42,7 +42,7 @@ VARIANTS: dict[str, Overrides] = {
     "baseline (cpu profile)": {},
     "view: 3x3 stored cells": {"features": {"aggregate_at": "stored"}},
     "view: no averaging": {"features": {"local_aggregation": 1}},
-    "view: strides 8-16": {"features": {"levels": (0, 1)}},
+    "view: strides 8-32": {"features": {"levels": None}},
     "U-Net base 128": {"diffusion": {"base_channels": 128}},
     "coreset 3%": {"coreset": {"keep_rate": 0.03}},
 }

@@ -14,6 +14,7 @@ from prefect import task
 from prefect.cache_policies import NONE
 
 import tasks.runtime as runtime
+from lafite_core.method.views import view_dim
 from lafite_core.store import layout
 from lafite_core.config import PipelineConfig
 from lafite_core.store.feature_store import FeatureStore, read_training_features
@@ -48,7 +49,8 @@ def train_body(store_url: str, config_json: str, plan: TrainingPlan, run_id: str
     dev = pick_device(device)
     state = None
     if store.exists(*ckpt):
-        state = load_state(store.read_bytes(*ckpt), features.raw.shape[1], features.raw.shape[2], cfg.diffusion, dev)
+        dim = view_dim(cfg.features, backbone["channels"]) if backbone.get("channels") else features.raw.shape[1]
+        state = load_state(store.read_bytes(*ckpt), dim, features.raw.shape[2], cfg.diffusion, dev)  # LafitE's view
         log.info("resuming training from checkpoint %s at epoch %d/%d", store.url(*ckpt), state.epoch,
                  planned_epochs(cfg.diffusion, features.raw.shape[0]))
     trained = train_model(

@@ -30,7 +30,7 @@ def test_fit_and_evaluate_metal_plate(shared_data, extractor):
     sel = result.selection
     assert sel is not None and model.tau in (50, 200) and model.k in (1, 3)
     assert [p.stage for p in sel.search.points] == ["tau", "tau", "k", "k"]
-    assert model.extra["train_images"] == 43 and model.bank.shape[1] == 472  # lite0 strides 8-32: 40 + 112 + 320
+    assert model.extra["train_images"] == 43 and model.bank.shape[1] == 152  # lite0 strides 8 and 16: 40 + 112
     assert abs(model.bank.shape[0] - 0.1 * 43 * 1024) <= 3  # keep rate 10%, rounded per chunk
     # 11 held-out normals and two pseudo-anomalies for each
     assert (sel.pseudo.labels == 0).sum() == 11 and (sel.pseudo.labels == 1).sum() == 22

@@ -85,7 +85,7 @@ def test_step_budget_training_stops_drops_lr_and_resumes_exactly():
 
 def test_model_files_roundtrip_and_scores_agree():
     # PatchCore's own bank and LafitE's per-level view (needs a backbone card): test_views_patchcore
-    cfg = _cfg().with_updates(baseline={"recipe": "shared"}, features={"local_aggregation": 1})
+    cfg = _cfg().with_updates(baseline={"recipe": "shared"}, features={"levels": None, "local_aggregation": 1})
     x = _features()
     st = FeatureStats.fit(x)
     state = new_state(6, 8, cfg.diffusion, 0, torch.device("cpu"))
