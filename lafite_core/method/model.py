@@ -21,7 +21,7 @@ from lafite_core.method.ddim import DDIMSampler
 from lafite_core.method.editing import edit_features
 from lafite_core.method.knn import Neighbours, knn_for
 from lafite_core.method.normalize import FeatureStats
-from lafite_core.method.patchcore import patchcore_maps
+from lafite_core.method.patchcore import patchcore_maps, patches
 from lafite_core.method.schedule import cosine_schedule
 from lafite_core.method.scoring import (
     METHODS,
@@ -183,9 +183,8 @@ class Scorer:
         k = self.model.k if k is None else k
         tau = self.model.tau if tau is None else tau
         if method == "patchcore":
-            d = x0.shape[1]
             if found is None:
-                found = self.knn.search(x0.permute(0, 2, 3, 1).reshape(-1, d).cpu().numpy(), 1)
+                found = self.knn.search(patches(x0), 1)
             return nearest_distance_errors(x0, torch.from_numpy(np.ascontiguousarray(found.distances[:, 0])))
         editor = None
         if method == "lafite":
@@ -203,7 +202,7 @@ class Scorer:
         parts = []
         for s in range(0, raw.shape[0], sc.batch_size):
             x0 = self.normalize(raw[s : s + sc.batch_size])
-            parts.append(self.knn.search(x0.permute(0, 2, 3, 1).reshape(-1, x0.shape[1]).cpu().numpy(), k))
+            parts.append(self.knn.search(patches(x0), k))
         return Neighbours(np.concatenate([p.distances for p in parts]), np.concatenate([p.indices for p in parts]))
 
     @torch.no_grad()
@@ -219,13 +218,13 @@ class Scorer:
         sc = self.model.config.scoring
         maps, scores = [], []
         cfg = self.model.config
-        patches = raw.shape[-2] * raw.shape[-1]
-        if found is not None and found.indices.shape[0] != raw.shape[0] * patches:
-            raise ValueError(f"neighbours for {found.indices.shape[0]} patches given for {raw.shape[0] * patches}")
+        per_image = raw.shape[-2] * raw.shape[-1]
+        if found is not None and found.indices.shape[0] != raw.shape[0] * per_image:
+            raise ValueError(f"neighbours for {found.indices.shape[0]} patches given for {raw.shape[0] * per_image}")
         for s in range(0, raw.shape[0], sc.batch_size):
             part = None
             if found is not None:
-                rows = slice(s * patches, (s + sc.batch_size) * patches)
+                rows = slice(s * per_image, (s + sc.batch_size) * per_image)
                 part = Neighbours(found.distances[rows], found.indices[rows])
             if method == "patchcore" and cfg.baseline.recipe == "patchcore":
                 out = patchcore_maps(raw[s : s + sc.batch_size].float(), self.model.baseline_bank, self.baseline_knn,
