@@ -62,10 +62,11 @@ METHOD_NAMES = {"lafite": "LafitE", "lafite_no_edit": "LafitE w/o F.E.", "patchc
 
 CURVES_SCHEMA = pa.schema([
     ("seed", pa.int64()),
-    ("curve", pa.string()),  # "tau" (no editing) or "k" (editing at the chosen tau)
+    ("curve", pa.string()),  # "tau" (no editing), "k" (editing at the chosen tau) or "steps" (DDIM steps)
     ("split", pa.string()),  # "pseudo_validation" or "test"
     ("tau", pa.int64()),
     ("k", pa.int64()),
+    ("ddim_steps", pa.int64()),
     ("image_auroc", pa.float64()),  # mean over categories
     ("pixel_auroc", pa.float64()),  # pseudo-validation only
     ("chosen", pa.bool_()),  # the pseudo-validation choice
@@ -128,6 +129,11 @@ class CurvePoint:
     k: int | None
     image_auroc: float
     pixel_auroc: float | None
+    ddim_steps: int | None = None
+
+    def value(self) -> int | None:
+        """The grid value this point's curve varies."""
+        return {"tau": self.tau, "k": self.k, "steps": self.ddim_steps}[self.curve]
 
 
 @dataclass
@@ -140,6 +146,10 @@ class SeedResult:
     k: int
     searched: bool
     timings: dict[str, float]
+    ddim_steps: int = 0
+
+    def chosen(self, curve: str) -> int:
+        return {"tau": self.tau, "k": self.k, "steps": self.ddim_steps}[curve]
 
 
 def mean_image_auroc(tests: list[TestSet], outs: list[AnomalyMaps]) -> float:
@@ -161,19 +171,30 @@ def run_seed(categories: list[Category], tests: list[TestSet], cfg: PipelineConf
     t = time.perf_counter()
     if sel.searched:
         for p in sel.search.points:
-            curves.append(CurvePoint(p.stage, "pseudo_validation", p.tau, p.k, p.image_auroc, p.pixel_auroc))
+            curves.append(CurvePoint(p.stage, "pseudo_validation", p.tau, p.k, p.image_auroc, p.pixel_auroc,
+                                     p.ddim_steps))
     if sel.searched and test_curves:
+        # tau and K curves at the steps the search used for them; identical to the final scores when
+        # the model kept those steps
+        steps0, same_steps = cfg.scoring.ddim_steps, model.config.scoring.ddim_steps == cfg.scoring.ddim_steps
         for tau in cfg.search.taus:
-            outs = [scorer.score(ts.features, "lafite_no_edit", sd, tau=tau) for ts, sd in zip(tests, seeds)]
-            curves.append(CurvePoint("tau", "test", tau, None, mean_image_auroc(tests, outs), None))
-            if tau == model.tau:  # identical to scoring lafite_no_edit with the model's tau
+            outs = [scorer.score(ts.features, "lafite_no_edit", sd, tau=tau, steps=steps0)
+                    for ts, sd in zip(tests, seeds)]
+            curves.append(CurvePoint("tau", "test", tau, None, mean_image_auroc(tests, outs), None, steps0))
+            if tau == model.tau and same_steps:
                 cached["lafite_no_edit"] = outs
         for k in cfg.search.ks:
-            outs = [scorer.score(ts.features, "lafite", sd, tau=model.tau, k=k) for ts, sd in zip(tests, seeds)]
-            curves.append(CurvePoint("k", "test", model.tau, k, mean_image_auroc(tests, outs), None))
-            if k == model.k:
+            outs = [scorer.score(ts.features, "lafite", sd, tau=model.tau, k=k, steps=steps0)
+                    for ts, sd in zip(tests, seeds)]
+            curves.append(CurvePoint("k", "test", model.tau, k, mean_image_auroc(tests, outs), None, steps0))
+            if k == model.k and same_steps:
                 cached["lafite"] = outs
-        print(f"  .. test curves: {len(cfg.search.taus) + len(cfg.search.ks)} passes in "
+        for steps in cfg.search.ddim_steps:
+            outs = [scorer.score(ts.features, "lafite", sd, steps=steps) for ts, sd in zip(tests, seeds)]
+            curves.append(CurvePoint("steps", "test", model.tau, model.k, mean_image_auroc(tests, outs), None, steps))
+            if steps == model.config.scoring.ddim_steps:
+                cached["lafite"] = outs
+        print(f"  .. test curves: {len(cfg.search.taus) + len(cfg.search.ks) + len(cfg.search.ddim_steps)} passes in "
               f"{time.perf_counter() - t:.1f} s", file=sys.stderr)
     timings["test_curves"] = time.perf_counter() - t
     t = time.perf_counter()
@@ -188,7 +209,8 @@ def run_seed(categories: list[Category], tests: list[TestSet], cfg: PipelineConf
             rows.append({"run_id": None, "model_version": None, **r.record(), "created": datetime.now(timezone.utc)})
     timings["test_scoring_and_metrics"] = time.perf_counter() - t
     timings["seed_total"] = time.perf_counter() - t0
-    return SeedResult(cfg.seed, cfg, rows, curves, model.tau, model.k, sel.searched, timings)
+    return SeedResult(cfg.seed, cfg, rows, curves, model.tau, model.k, sel.searched, timings,
+                      model.config.scoring.ddim_steps)
 
 
 # --------------------------------------------------------------------------- Markdown
@@ -235,13 +257,12 @@ def metric_table(results: list[SeedResult], tests: list[TestSet], pair: tuple[st
     return "\n".join(lines)
 
 
-def best(points: list[CurvePoint], key: str) -> int | None:
+def best(points: list[CurvePoint]) -> int | None:
     """Grid value with the highest AUROC; ties go to the earlier grid entry (the search's rule)."""
     pts = [p for p in points if not np.isnan(p.image_auroc)]
     if not pts:
         return None
-    top = max(pts, key=lambda p: p.image_auroc)
-    return getattr(top, key)
+    return max(pts, key=lambda p: p.image_auroc).value()
 
 
 def curve_section(res: SeedResult) -> tuple[str, dict]:
@@ -250,27 +271,31 @@ def curve_section(res: SeedResult) -> tuple[str, dict]:
         return f"seed {res.seed}: no search (disabled or no held-out images); tau={res.tau}, K={res.k} from the config", {}
     has_test = any(p.split == "test" for p in res.curves)
     lines = []
-    summary = {"seed": res.seed, "chosen_tau": res.tau, "chosen_k": res.k}
-    for curve, key, label in (("tau", "tau", "tau (no editing)"), ("k", "k", f"K (editing, tau={res.tau})")):
+    summary = {"seed": res.seed, "chosen_tau": res.tau, "chosen_k": res.k, "chosen_steps": res.ddim_steps}
+    for curve, label in (("tau", "tau (no editing)"), ("k", f"K (editing, tau={res.tau})"),
+                         ("steps", f"DDIM steps (tau={res.tau}, K={res.k}; fewest within the tolerance)")):
+        key = curve
         pv = [p for p in res.curves if p.curve == curve and p.split == "pseudo_validation"]
-        chosen = res.tau if curve == "tau" else res.k
-        lines += [f"| {label} | " + " | ".join(str(getattr(p, key)) for p in pv) + " |",
+        if not pv:
+            continue
+        chosen = res.chosen(curve)
+        lines += [f"| {label} | " + " | ".join(str(p.value()) for p in pv) + " |",
                   "|---|" + "---|" * len(pv),
                   "| pseudo-val det. AUROC | " + " | ".join(
-                      f"**{100 * p.image_auroc:.1f}**" if getattr(p, key) == chosen else f"{100 * p.image_auroc:.1f}"
+                      f"**{100 * p.image_auroc:.1f}**" if p.value() == chosen else f"{100 * p.image_auroc:.1f}"
                       for p in pv) + " |"]
         if has_test:
             te = [p for p in res.curves if p.curve == curve and p.split == "test"]
-            test_best = best(te, key)
-            te_at = {getattr(p, key): p.image_auroc for p in te}
+            test_best = best(te)
+            te_at = {p.value(): p.image_auroc for p in te}
             summary[f"test_best_{key}"] = test_best
             # ties count as agreement: the pick is right when it reaches the test curve's maximum
             summary[f"{key}_agree"] = te_at.get(chosen, float("nan")) >= te_at.get(test_best, float("nan")) - 1e-12
             summary[f"test_auroc_at_chosen_{key}"] = te_at.get(chosen)
             summary[f"test_auroc_at_best_{key}"] = te_at.get(test_best)
             lines.append("| test det. AUROC | " + " | ".join(
-                f"**{100 * te_at[getattr(p, key)]:.1f}**" if getattr(p, key) == test_best
-                else f"{100 * te_at[getattr(p, key)]:.1f}" for p in pv) + " |")
+                f"**{100 * te_at[p.value()]:.1f}**" if p.value() == test_best
+                else f"{100 * te_at[p.value()]:.1f}" for p in pv) + " |")
         lines.append("")
     if not has_test:
         verdict = (f"seed {res.seed}: pseudo-validation picked tau={res.tau}, K={res.k}; test curves not computed "
@@ -282,6 +307,9 @@ def curve_section(res: SeedResult) -> tuple[str, dict]:
                f"tau {'agrees' if summary['tau_agree'] else 'differs'}, K {'agrees' if summary['k_agree'] else 'differs'}; "
                f"test det. AUROC at the picks {100 * summary['test_auroc_at_chosen_k']:.1f} vs "
                f"{100 * summary['test_auroc_at_best_k']:.1f} at the test-best K")
+    if "steps_agree" in summary:
+        verdict += (f"; DDIM steps {res.ddim_steps} (test det. AUROC {100 * summary['test_auroc_at_chosen_steps']:.1f}, "
+                    f"{100 * summary['test_auroc_at_best_steps']:.1f} at the test-best {summary['test_best_steps']})")
     return "\n".join([verdict, "", *lines]), summary
 
 
@@ -327,7 +355,9 @@ def markdown(args, results: list[SeedResult], tests: list[TestSet], started: flo
             picks.append(summary)
     if picks:
         out.append(f"tau agrees in {sum(p['tau_agree'] for p in picks)}/{len(picks)} seeds, "
-                   f"K in {sum(p['k_agree'] for p in picks)}/{len(picks)}.")
+                   f"K in {sum(p['k_agree'] for p in picks)}/{len(picks)}"
+                   + (f", DDIM steps in {sum(p['steps_agree'] for p in picks)}/{len(picks)}"
+                      if all("steps_agree" in p for p in picks) else "") + ".")
     return "\n".join(out) + "\n", picks
 
 
@@ -399,12 +429,10 @@ def main(argv=None) -> int:
     for res in results:
         pick = next((p for p in picks if p["seed"] == res.seed), {})
         for c in res.curves:
-            key = "tau" if c.curve == "tau" else "k"
-            value = c.tau if key == "tau" else c.k
             curve_rows.append({"seed": res.seed, "curve": c.curve, "split": c.split, "tau": c.tau, "k": c.k,
-                               "image_auroc": c.image_auroc, "pixel_auroc": c.pixel_auroc,
-                               "chosen": value == (res.tau if key == "tau" else res.k),
-                               "test_best": value == pick.get(f"test_best_{key}")})
+                               "ddim_steps": c.ddim_steps, "image_auroc": c.image_auroc, "pixel_auroc": c.pixel_auroc,
+                               "chosen": c.value() == res.chosen(c.curve),
+                               "test_best": c.value() == pick.get(f"test_best_{c.curve}")})
     store.write_table([stem.name + "_hyperparameters.parquet"], pa.Table.from_pylist(curve_rows, schema=CURVES_SCHEMA),
                       meta)
     write_text(stem.parent / (stem.name + ".md"), text)

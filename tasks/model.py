@@ -40,12 +40,12 @@ def select_task(store_url: str, run_id: str, plan: TrainingPlan, data_root: str)
     selection = select(model, FeatureExtractor(model.config.backbone), plan.holdout, plan.fit,
                        storage_options_from_env(data_root), progress=LogProgress(log))
     for p in selection.search.points:
-        log.info("search %s: tau=%d K=%s -> pseudo-validation detection AUROC %.3f", p.stage, p.tau, p.k,
-                 p.image_auroc)
+        log.info("search %s: tau=%d K=%s DDIM steps=%d -> pseudo-validation detection AUROC %.3f (%.1f s)",
+                 p.stage, p.tau, p.k, p.ddim_steps, p.image_auroc, p.seconds)
     cut = selection.calibration.overall
-    log.info("%s tau=%d, K=%d; threshold %.4f (balanced accuracy %.3f on the pseudo-validation set)",
+    log.info("%s tau=%d, K=%d, DDIM steps=%d; threshold %.4f (balanced accuracy %.3f on the pseudo-validation set)",
              "chosen" if selection.searched else "search disabled: from the config", selection.model.tau,
-             selection.model.k, cut.threshold, cut.balanced_accuracy)
+             selection.model.k, selection.model.config.scoring.ddim_steps, cut.threshold, cut.balanced_accuracy)
     for name, data in selection_files(selection).items():
         store.write_bytes(layout.staged(run_id, name), data)
     return SelectionRef(selection.model.tau, selection.model.k, cut.threshold, selection.searched)

@@ -29,7 +29,7 @@ def shared_data() -> Path:
 TINY = {
     "diffusion": {"base_channels": 16, "channel_mult": (1, 2), "epochs": 8, "batch_size": 8, "lr": 1e-3,
                   "checkpoint_every": 1},
-    "search": {"taus": (50, 200), "ks": (1, 3)},
+    "search": {"taus": (50, 200), "ks": (1, 3), "ddim_steps": (1, 2)},
     "scoring": {"ddim_steps": 2},
 }
 

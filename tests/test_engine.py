@@ -81,8 +81,9 @@ def test_published_files_agree_on_tau_k_and_threshold(trained_store):
     assert json.loads(files["model.json"])["config_hash"] == config_hash(model.config) == version.config_hash
     # the search's choice, not the profile's default, is what the config records
     search = store.read_table(*layout.model_file(version.version, "search.parquet")).to_pylist()
-    assert {(r["stage"], r["tau"] if r["stage"] == "tau" else r["k"]) for r in search if r["chosen"]} == {
-        ("tau", tau), ("k", k)}
+    value = {"tau": "tau", "k": "k", "steps": "ddim_steps"}
+    assert {(r["stage"], r[value[r["stage"]]]) for r in search if r["chosen"]} == {
+        ("tau", tau), ("k", k), ("steps", model.config.scoring.ddim_steps)}
 
 
 def test_training_key_covers_what_determines_the_weights(small_demo, tiny_overrides):

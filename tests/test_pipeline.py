@@ -12,7 +12,7 @@ from lafite_core.pipeline import evaluate, fit
 def tiny_config(epochs: int = 3):
     return cpu_profile().with_updates(
         diffusion={"base_channels": 16, "channel_mult": (1, 2), "epochs": epochs, "batch_size": 8, "lr": 1e-3},
-        search={"taus": (50, 200), "ks": (1, 3)},
+        search={"taus": (50, 200), "ks": (1, 3), "ddim_steps": (1, 2)},
         scoring={"ddim_steps": 2},
     )
 
@@ -29,7 +29,8 @@ def test_fit_and_evaluate_metal_plate(shared_data, extractor):
     model = result.model
     sel = result.selection
     assert sel is not None and model.tau in (50, 200) and model.k in (1, 3)
-    assert [p.stage for p in sel.search.points] == ["tau", "tau", "k", "k"]
+    assert [p.stage for p in sel.search.points] == ["tau", "tau", "k", "k", "steps", "steps"]
+    assert model.config.scoring.ddim_steps == sel.search.ddim_steps in (1, 2)
     assert model.extra["train_images"] == 43 and model.bank.shape[1] == 152  # lite0 strides 8 and 16: 40 + 112
     assert abs(model.bank.shape[0] - 0.1 * 43 * 1024) <= 3  # keep rate 10%, rounded per chunk
     # 11 held-out normals and two pseudo-anomalies for each

@@ -1,18 +1,54 @@
+import pytest
+from pydantic import ValidationError
+
 from lafite_core.config import SearchConfig
 from lafite_core.method.search import search_hyperparameters
+from lafite_core.store.tables import search_table
 
 
 def test_tau_first_without_editing_then_k_at_that_tau():
     calls = []
 
-    def evaluate(tau, k):
-        calls.append((tau, k))
+    def evaluate(tau, k, steps):
+        calls.append((tau, k, steps))
         if k is None:
             return {50: 0.7, 100: 0.9, 200: 0.9, 300: 0.6}[tau], 0.5
         return {1: 0.8, 3: 0.95, 5: 0.93}[k], 0.6
 
-    r = search_hyperparameters(evaluate, SearchConfig(taus=(50, 100, 200, 300), ks=(1, 3, 5)))
-    assert (r.tau, r.k) == (100, 3)  # tie between 100 and 200 goes to the earlier entry
-    assert calls == [(50, None), (100, None), (200, None), (300, None), (100, 1), (100, 3), (100, 5)]
+    r = search_hyperparameters(evaluate, SearchConfig(taus=(50, 100, 200, 300), ks=(1, 3, 5)), ddim_steps=4)
+    assert (r.tau, r.k, r.ddim_steps) == (100, 3, 4)  # tie between 100 and 200 goes to the earlier entry
+    assert calls == [(50, None, 4), (100, None, 4), (200, None, 4), (300, None, 4), (100, 1, 4), (100, 3, 4),
+                     (100, 5, 4)]
     assert [p.stage for p in r.points] == ["tau"] * 4 + ["k"] * 3
     assert r.points[5].image_auroc == 0.95
+    assert all(p.seconds >= 0 for p in r.points)
+
+
+@pytest.mark.parametrize("tolerance, chosen", [(0.005, 3), (0.0, 5), (0.05, 1)])
+def test_steps_keep_the_fewest_within_the_tolerance_of_the_best(tolerance, chosen):
+    calls = []
+    steps_auroc = {1: 0.90, 2: 0.93, 3: 0.946, 5: 0.95, 10: 0.949}
+
+    def evaluate(tau, k, steps):
+        calls.append((tau, k, steps))
+        if k is None:
+            return {50: 0.9, 100: 0.8}[tau], 0.5
+        return ({1: 0.7, 3: 0.95}[k] if steps == 5 else steps_auroc[steps]), 0.6
+
+    cfg = SearchConfig(taus=(50, 100), ks=(1, 3), ddim_steps=(1, 2, 3, 5, 10), steps_tolerance=tolerance)
+    r = search_hyperparameters(evaluate, cfg, ddim_steps=5)
+    assert (r.tau, r.k, r.ddim_steps) == (50, 3, chosen)
+    # the profile's own step count was scored in the K stage and is not scored again
+    assert calls[4:] == [(50, 3, 1), (50, 3, 2), (50, 3, 3), (50, 3, 10)]
+    steps = [p for p in r.points if p.stage == "steps"]
+    assert [p.ddim_steps for p in steps] == [1, 2, 3, 5, 10]
+    assert steps[3].image_auroc == 0.95 and steps[3].seconds == 0.0
+    table = search_table(r).to_pylist()
+    assert [(row["stage"], row["ddim_steps"]) for row in table if row["chosen"]] == [
+        ("tau", 5), ("k", 5), ("steps", chosen)]
+    assert {"seconds", "ddim_steps"} <= set(table[0])
+
+
+def test_step_counts_must_be_positive():
+    with pytest.raises(ValidationError, match="DDIM step count"):
+        SearchConfig(ddim_steps=(0, 2))

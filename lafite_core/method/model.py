@@ -89,9 +89,13 @@ class LafiteModel:
     def feature_dim(self) -> int:
         return int(self.bank.shape[1])
 
-    def with_hyperparameters(self, tau: int, k: int) -> "LafiteModel":
-        """A copy scoring with ``tau`` and ``k`` (same weights and bank); ``extra`` is copied."""
-        cfg = self.config.with_updates(scoring={"tau": int(tau), "k": int(k)})
+    def with_hyperparameters(self, tau: int, k: int, ddim_steps: int | None = None) -> "LafiteModel":
+        """A copy scoring with ``tau``, ``k`` and ``ddim_steps`` (None: unchanged; same weights and
+        bank); ``extra`` is copied."""
+        scoring = {"tau": int(tau), "k": int(k)}
+        if ddim_steps is not None:
+            scoring["ddim_steps"] = int(ddim_steps)
+        cfg = self.config.with_updates(scoring=scoring)
         extra = {**self.extra, "config_hash": config_hash(cfg)}
         return dataclasses.replace(self, config=cfg, extra=extra)
 
@@ -170,11 +174,13 @@ class Scorer:
     def errors(
         self, x0: torch.Tensor, method: Method, seeds: Sequence[int],
         tau: int | None = None, k: int | None = None, found: Neighbours | None = None,
+        steps: int | None = None,
     ) -> torch.Tensor:
         """Normalised features [B, D, h, w] -> feature-level errors [B, h, w].
 
         ``patchcore`` here is the ``shared`` recipe; PatchCore's own recipe scores raw features in
         :meth:`score`. ``found``: the patches' bank neighbours when already searched (:meth:`neighbours`).
+        ``tau``, ``k``, ``steps`` (DDIM steps): overrides of the model's own, for the search.
         """
         if method not in METHODS:
             raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
@@ -189,10 +195,8 @@ class Scorer:
         editor = None
         if method == "lafite":
             editor = lambda x: edit_features(x, self.model.bank, self.knn, k, found)  # noqa: E731
-        return lafite_errors(
-            x0, self.model.unet, self.sampler, tau,
-            self.model.config.scoring.ddim_steps, seeds, editor,
-        )
+        steps = self.model.config.scoring.ddim_steps if steps is None else steps
+        return lafite_errors(x0, self.model.unet, self.sampler, tau, steps, seeds, editor)
 
     @torch.no_grad()
     def neighbours(self, raw: torch.Tensor, k: int) -> Neighbours:
@@ -209,6 +213,7 @@ class Scorer:
     def score(
         self, raw: torch.Tensor, method: Method, seeds: Sequence[int],
         tau: int | None = None, k: int | None = None, found: Neighbours | None = None,
+        steps: int | None = None,
     ) -> AnomalyMaps:
         """Raw features [N, D, h, w] -> AnomalyMaps ([N, S, S] maps, [N] scores), batched.
 
@@ -232,7 +237,7 @@ class Scorer:
                                      sc.smoothing_sigma)
             else:
                 x0 = self.normalize(raw[s : s + sc.batch_size])
-                err = self.errors(x0, method, seeds[s : s + sc.batch_size], tau, k, part)
+                err = self.errors(x0, method, seeds[s : s + sc.batch_size], tau, k, part, steps)
                 out = to_anomaly_maps(err, cfg.data.image_size, sc.smoothing_sigma, sc.image_pool)
             maps.append(out.maps.cpu())
             scores.append(out.scores.cpu())

@@ -1,25 +1,34 @@
-"""Hyperparameter search on the pseudo-validation set (section 4.5): tau first, then K.
+"""Hyperparameter search on the pseudo-validation set (section 4.5): tau first, then K, then DDIM steps.
 
 tau is chosen without editing ("LafitE w/o F.E.") by the mean per-category detection AUROC on the
 pseudo-validation set; K is then chosen with editing at that tau. Ties go to the earlier grid entry.
-Every evaluated point is recorded.
+Last, when ``search.ddim_steps`` lists step counts, LafitE is scored at that tau and K with each, and
+the fewest steps whose detection AUROC is within ``search.steps_tolerance`` of the best step count's
+are kept (the scoring cost is about proportional to the steps). Every evaluated point is recorded,
+with the seconds it took.
 """
 
 from __future__ import annotations
 
+import logging
+import time
 from dataclasses import dataclass
 from typing import Callable, Literal
 
 from lafite_core.config import SearchConfig
 
+log = logging.getLogger(__name__)
+
 
 @dataclass(frozen=True)
 class SearchPoint:
-    stage: Literal["tau", "k"]
+    stage: Literal["tau", "k", "steps"]
     tau: int
     k: int | None
+    ddim_steps: int
     image_auroc: float
     pixel_auroc: float | None
+    seconds: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -27,25 +36,54 @@ class SearchResult:
     tau: int
     k: int
     points: tuple[SearchPoint, ...]
+    ddim_steps: int | None = None
+    """The chosen step count; None when the search did not run (the config's scoring.ddim_steps)."""
+
+    def chosen(self, p: SearchPoint) -> bool:
+        """Whether ``p`` is the point its stage chose."""
+        if p.stage == "tau":
+            return p.tau == self.tau
+        if p.stage == "k":
+            return p.k == self.k
+        return p.ddim_steps == self.ddim_steps
 
 
-Evaluate = Callable[[int, int | None], tuple[float, float | None]]
-"""(tau, k or None for no editing) -> (mean image AUROC, mean pixel AUROC or None)."""
+Evaluate = Callable[[int, int | None, int], tuple[float, float | None]]
+"""(tau, k or None for no editing, DDIM steps) -> (mean image AUROC, mean pixel AUROC or None)."""
 
 
-def search_hyperparameters(evaluate: Evaluate, cfg: SearchConfig) -> SearchResult:
-    """Grid search over ``cfg.taus`` (no editing), then ``cfg.ks`` (editing) at the best tau."""
+def search_hyperparameters(evaluate: Evaluate, cfg: SearchConfig, ddim_steps: int) -> SearchResult:
+    """Grid search over ``cfg.taus`` (no editing), then ``cfg.ks`` (editing) at the best tau, both at
+    ``ddim_steps`` steps, then ``cfg.ddim_steps`` at the best tau and K (a step count already scored
+    there is not scored again)."""
     if not cfg.taus or not cfg.ks:
         raise ValueError("the search needs at least one tau and one K")
     points: list[SearchPoint] = []
-    for tau in cfg.taus:
-        img, pix = evaluate(tau, None)
-        points.append(SearchPoint("tau", tau, None, img, pix))
-    best_tau = max((p for p in points), key=lambda p: p.image_auroc).tau
-    k_points: list[SearchPoint] = []
-    for k in cfg.ks:
-        img, pix = evaluate(best_tau, k)
-        k_points.append(SearchPoint("k", best_tau, k, img, pix))
-    best_k = max(k_points, key=lambda p: p.image_auroc).k
-    assert best_k is not None
-    return SearchResult(best_tau, best_k, tuple(points + k_points))
+
+    def run(stage: Literal["tau", "k", "steps"], tau: int, k: int | None, steps: int) -> SearchPoint:
+        start = time.perf_counter()
+        img, pix = evaluate(tau, k, steps)
+        points.append(SearchPoint(stage, tau, k, steps, img, pix, time.perf_counter() - start))
+        return points[-1]
+
+    tau_points = [run("tau", tau, None, ddim_steps) for tau in cfg.taus]
+    best_tau = max(tau_points, key=lambda p: p.image_auroc).tau
+    k_points = [run("k", best_tau, k, ddim_steps) for k in cfg.ks]
+    best = max(k_points, key=lambda p: p.image_auroc)
+    assert best.k is not None
+    chosen_steps = ddim_steps
+    if cfg.ddim_steps:
+        step_points = []
+        for steps in cfg.ddim_steps:
+            if steps == ddim_steps:  # already scored at (best tau, best K): record it, do not rescore
+                points.append(SearchPoint("steps", best_tau, best.k, steps, best.image_auroc, best.pixel_auroc, 0.0))
+                step_points.append(points[-1])
+            else:
+                step_points.append(run("steps", best_tau, best.k, steps))
+        top = max(p.image_auroc for p in step_points)
+        chosen_steps = min(p.ddim_steps for p in step_points if p.image_auroc >= top - cfg.steps_tolerance)
+    for stage in ("tau", "k", "steps"):
+        mine = [p for p in points if p.stage == stage]
+        if mine:
+            log.info("search: %s stage, %d points in %.1f s", stage, len(mine), sum(p.seconds for p in mine))
+    return SearchResult(best_tau, best.k, tuple(points), chosen_steps)

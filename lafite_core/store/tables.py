@@ -69,8 +69,10 @@ SEARCH_SCHEMA = pa.schema(
         ("stage", pa.string()),
         ("tau", pa.int64()),
         ("k", pa.int64()),
+        ("ddim_steps", pa.int64()),
         ("image_auroc", pa.float64()),
         ("pixel_auroc", pa.float64()),
+        ("seconds", pa.float64()),  # wall time of the point (0 for a step count reused from the K stage)
         ("chosen", pa.bool_()),
     ]
 )
@@ -97,8 +99,8 @@ def scores_table(rows: Sequence[dict]) -> pa.Table:
 
 def search_table(result: SearchResult) -> pa.Table:
     rows = [
-        {"stage": p.stage, "tau": p.tau, "k": p.k, "image_auroc": p.image_auroc, "pixel_auroc": p.pixel_auroc,
-         "chosen": (p.stage == "tau" and p.tau == result.tau) or (p.stage == "k" and p.k == result.k)}
+        {"stage": p.stage, "tau": p.tau, "k": p.k, "ddim_steps": p.ddim_steps, "image_auroc": p.image_auroc,
+         "pixel_auroc": p.pixel_auroc, "seconds": p.seconds, "chosen": result.chosen(p)}
         for p in result.points
     ]
     return pa.Table.from_pylist(rows, schema=SEARCH_SCHEMA)
