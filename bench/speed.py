@@ -327,9 +327,9 @@ def bench_scoring(trained: Trained, categories, extractor, sizes: Sizes) -> list
     feats = torch.from_numpy(extract(extractor, [s.image for s in loaded]))
     seeds = [image_seed(0, s.content_hash) for s in loaded]
 
-    def rate(method: str, steps: int | None) -> float:
-        m = model if steps is None else dataclasses.replace(
-            model, config=model.config.with_updates(scoring={"ddim_steps": steps}))
+    def rate(method: str, steps: int | None, precision: str = "fp32") -> float:
+        m = dataclasses.replace(model, config=model.config.with_updates(
+            compute={"precision": precision}, **({} if steps is None else {"scoring": {"ddim_steps": steps}})))
         scorer = Scorer(m, "cpu")
         scorer.score(feats[:2], method, seeds[:2])  # warm-up
         t, _ = timed(scorer.score, feats, method, seeds)
@@ -342,6 +342,8 @@ def bench_scoring(trained: Trained, categories, extractor, sizes: Sizes) -> list
     default = model.config.scoring.ddim_steps
     r = rate("lafite_no_edit", default)
     rows.append(ScoringResult("lafite_no_edit", default, threads, len(seeds), r, pc / r))
+    r = rate("lafite", default, "bf16")  # beside the fp32 row of the same steps below
+    rows.append(ScoringResult("lafite bf16", default, threads, len(seeds), r, pc / r))
     for steps in sizes.ddim_steps:
         r = rate("lafite", steps)
         rows.append(ScoringResult("lafite", steps, threads, len(seeds), r, pc / r))
@@ -427,6 +429,7 @@ def bench_ray(trained: Trained, categories, sizes: Sizes) -> RayResult:
 
 @dataclass
 class TrainingResult:
+    precision: str
     images: int
     batch_size: int
     epochs_timed: int
@@ -435,18 +438,24 @@ class TrainingResult:
     parameters: int
 
 
-def bench_training(sizes: Sizes) -> TrainingResult:
+def bench_training(sizes: Sizes) -> list[TrainingResult]:
+    """The cpu profile's U-Net trained in fp32 and under bf16 autocast (compute.precision), one after the other."""
     from lafite_core.config import cpu_profile
     from lafite_core.method.train import train_unet
 
     cfg = cpu_profile().diffusion.model_copy(update={"epochs": sizes.train_epochs, "checkpoint_every": 10**6})
     feats = torch.randn(sizes.train_images, DIM, 32, 32, generator=torch.Generator().manual_seed(0))
-    stamps = [time.perf_counter()]
-    state = train_unet(feats, cfg, 0, torch.device("cpu"), on_epoch=lambda e, loss: stamps.append(time.perf_counter()))
-    epochs = np.diff(stamps)[1:] if len(stamps) > 2 else np.diff(stamps)  # the first epoch warms up
-    per = float(np.mean(epochs))
-    return TrainingResult(sizes.train_images, cfg.batch_size, len(epochs), per, per / sizes.train_images * 1000,
-                          sum(p.numel() for p in state.unet.parameters()))
+    out = []
+    for precision in ("fp32", "bf16"):
+        stamps = [time.perf_counter()]
+        state = train_unet(feats, cfg, 0, torch.device("cpu"), precision=precision,
+                           on_epoch=lambda e, loss: stamps.append(time.perf_counter()))
+        epochs = np.diff(stamps)[1:] if len(stamps) > 2 else np.diff(stamps)  # the first epoch warms up
+        per = float(np.mean(epochs))
+        log(f"  training {precision}: {per:.1f} s per epoch")
+        out.append(TrainingResult(precision, sizes.train_images, cfg.batch_size, len(epochs), per,
+                                  per / sizes.train_images * 1000, sum(p.numel() for p in state.unet.parameters())))
+    return out
 
 
 # --------------------------------------------------------------------------- report
@@ -515,12 +524,23 @@ def markdown(res: dict, quick: bool) -> str:
                 "| 1 worker (images/s) | 2 workers (images/s) | speedup | target |", "|---|---|---|---|",
                 f"| {r['one_worker_images_per_s']:.2f} | {r['two_workers_images_per_s']:.2f} | {r['speedup']:.2f} | "
                 f">= {r['target']} ({ok}) |", ""]
-    if (t := res.get("training")):
+    if (ts := res.get("training")):
+        t = ts[0]
+        by = {r["precision"]: r["seconds_per_epoch"] for r in ts}
+        speedup = by["fp32"] / by["bf16"]
+        from lafite_core.method.precision import cpu_bf16_flags
+
+        flags = ", ".join(cpu_bf16_flags()) or "neither AMX nor AVX512-BF16 (bf16 is emulated)"
         out += ["## U-Net training (cpu profile)", "",
                 f"Random features [{t['images']}, 192, 32, 32], batch {t['batch_size']}, {t['parameters']:,} "
-                f"parameters; mean of {t['epochs_timed']} epoch(s) after the first.", "",
-                "| s per epoch | s per epoch per 1,000 images |", "|---|---|",
-                f"| {t['seconds_per_epoch']:.1f} | {t['seconds_per_epoch_per_1000_images']:.1f} |", ""]
+                f"parameters; mean of {t['epochs_timed']} epoch(s) after the first; fp32, then bf16 autocast "
+                f"(compute.precision); this CPU reports {flags}.", "",
+                "| precision | s per epoch | s per epoch per 1,000 images |", "|---|---|---|"]
+        out += [f"| {r['precision']} | {r['seconds_per_epoch']:.1f} | {r['seconds_per_epoch_per_1000_images']:.1f} |"
+                for r in ts]
+        out += ["", f"bf16 speedup {speedup:.2f}x (target >= 1.8x on a CPU with AMX: "
+                f"{'meets' if speedup >= 1.8 else 'MISSES'}; `compute.precision=auto` picks bf16 only where the "
+                f"CPU reports bf16 units).", ""]
     return "\n".join(out) + "\n"
 
 
@@ -582,7 +602,7 @@ def main(argv=None) -> int:
                 res["ray"] = asdict(bench_ray(trained, categories, sizes))
         if "training" in args.only:
             log("training ...")
-            res["training"] = asdict(bench_training(sizes))
+            res["training"] = [asdict(r) for r in bench_training(sizes)]
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     res["seconds"] = time.perf_counter() - started

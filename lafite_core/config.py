@@ -173,6 +173,14 @@ class BaselineConfig(_Frozen):
     )
 
 
+class ComputeConfig(_Frozen):
+    """How the U-Net computes (not what it computes)."""
+
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="U-Net training and scoring: bf16 autocast where the device has bf16 units (CUDA, "
+                            "AMX or AVX512-BF16 CPUs), fp32 elsewhere (auto); or always fp32 / bf16")
+
+
 class SearchConfig(_Frozen):
     """Hyperparameter search on the pseudo-validation set (section 4.5): tau first, then K."""
 
@@ -203,6 +211,7 @@ class PipelineConfig(_Frozen):
     scoring: ScoringConfig = ScoringConfig()
     synthesis: SynthesisConfig = SynthesisConfig()
     search: SearchConfig = SearchConfig()
+    compute: ComputeConfig = ComputeConfig()
     features: ViewConfig = Field(ViewConfig(), description="LafitE's view of the stored features")
     baseline: BaselineConfig = BaselineConfig()
     seed: int = 0

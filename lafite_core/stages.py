@@ -38,6 +38,7 @@ from lafite_core.datapath.features import LoadFailure, extract, load_many
 from lafite_core.datapath.heatmap import overlay_png
 from lafite_core.method.metrics import CategoryMetrics, aupro, auroc, average_precision, compute_category_metrics
 from lafite_core.method.knn import Neighbours
+from lafite_core.method.precision import resolve_precision
 from lafite_core.method.model import MODEL_FILES, LafiteModel, Scorer
 from lafite_core.method.normalize import FeatureStats
 from lafite_core.method.scoring import METHODS, AnomalyMaps, Method
@@ -168,14 +169,17 @@ def backbone_card(extractor: FeatureExtractor) -> dict:
 # --------------------------------------------------------------------------- train
 
 
-def training_key(cfg: PipelineConfig, data: Sequence[tuple[str, str]]) -> str:
-    """Identifies trained U-Net weights: feature settings, diffusion settings, seed and training data.
+def training_key(cfg: PipelineConfig, data: Sequence[tuple[str, str]], precision: str = "fp32") -> str:
+    """Identifies trained U-Net weights: feature settings, diffusion settings, seed, training data and
+    the training precision (as resolved on the training device; fp32 keeps the keys it always had).
 
     ``data`` is (image id, content hash) of every training image. Scoring, search, synthesis and
     coreset settings are left out: changing them reuses the weights.
     """
     payload = {"feature_key": feature_key(cfg), "view": cfg.features.model_dump(mode="json"),
                "diffusion": cfg.diffusion.model_dump(mode="json"), "seed": cfg.seed}
+    if precision != "fp32":
+        payload["precision"] = precision
     h = hashlib.sha256(json.dumps(payload, sort_keys=True).encode())
     for image_id, content in sorted(data):
         h.update(f"{image_id}\0{content}\n".encode())
@@ -191,6 +195,7 @@ class Trained:
     epochs: int
     device: str
     resumed_from_epoch: int
+    precision: str = "fp32"
 
     @property
     def final_loss(self) -> float:
@@ -218,10 +223,12 @@ def train_model(
     normalized = stats.apply(viewed)
     del viewed
     dev = pick_device(device)
+    precision = resolve_precision(cfg.compute.precision, dev, "training the U-Net")
     resumed = state.epoch if state is not None else 0
     state = train_unet(
         normalized, cfg.diffusion, cfg.seed, dev, state=state, on_checkpoint=on_checkpoint,
         on_epoch=lambda e, loss: progress("train", e, planned_epochs(cfg.diffusion, raw.shape[0])),
+        precision=precision,
     )
     state.unet.cpu().eval()
     bank = patch_bank(normalized, features.groups, cfg.coreset, cfg.seed)
@@ -236,7 +243,7 @@ def train_model(
                **({} if baseline_bank is None else {"baseline_bank_size": int(baseline_bank.shape[0])})},
         baseline_bank=baseline_bank,
     )
-    return Trained(model, list(state.losses), state.epoch, str(dev), resumed)
+    return Trained(model, list(state.losses), state.epoch, str(dev), resumed, precision)
 
 
 # --------------------------------------------------------------------------- select
@@ -398,6 +405,7 @@ def selection_files(selection: Selection) -> dict[str, bytes]:
 def training_summary(trained: Trained, unreadable: Sequence[tuple[str, str]], skipped: Sequence[str]) -> dict:
     """The model card's account of training: epochs, loss, device, images, what was left out."""
     return {"trained_epochs": trained.epochs, "final_loss": trained.final_loss, "device": trained.device,
+            "precision": trained.precision,
             "train_images": int(trained.model.extra.get("train_images", 0)),
             "unreadable_train_images": [{"url": u, "error": e} for u, e in unreadable],
             "skipped_categories": list(skipped)}
@@ -416,6 +424,7 @@ def version_files(files: dict[str, bytes], run_id: str, summary: dict[str, Any])
     cfg = PipelineConfig.model_validate(meta["config"])
     calibration = Calibration.from_json(json.loads(files[CALIBRATION_FILE]))
     card = {"run_id": run_id, "config_hash": config_hash(cfg), "tau": cfg.scoring.tau, "k": cfg.scoring.k,
+            "ddim_steps": cfg.scoring.ddim_steps,
             "threshold": calibration.overall.threshold, "categories": meta["categories"],
             "backbone": meta["backbone"], **summary}
     return {**files, CONFIG_FILE: cfg.to_json().encode(),

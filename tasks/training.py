@@ -21,6 +21,7 @@ from lafite_core.store.feature_store import FeatureStore, read_training_features
 from lafite_core.stages import TrainingPlan, train_model, training_key, training_summary
 from lafite_core.store.storage import Store
 from lafite_core.method.train import load_state, pick_device, planned_epochs
+from lafite_core.method.precision import resolve_precision
 from tasks.progress import LogProgress, run_logger, worker_logger
 
 @dataclass(frozen=True)
@@ -44,9 +45,10 @@ def train_body(store_url: str, config_json: str, plan: TrainingPlan, run_id: str
     cfg = PipelineConfig.from_json(config_json)
     store = Store(store_url)
     features = read_training_features(FeatureStore(store, cfg, backbone), plan.fit)
-    key = training_key(cfg, [(e.id, e.content_hash) for e in features.entries])
-    ckpt = layout.checkpoint(key)
     dev = pick_device(device)
+    key = training_key(cfg, [(e.id, e.content_hash) for e in features.entries],
+                       resolve_precision(cfg.compute.precision, dev, "training the U-Net"))
+    ckpt = layout.checkpoint(key)
     state = None
     if store.exists(*ckpt):
         dim = view_dim(cfg.features, backbone["channels"]) if backbone.get("channels") else features.raw.shape[1]

@@ -20,6 +20,7 @@ from lafite_core.config import PipelineConfig, config_hash
 from lafite_core.method.ddim import DDIMSampler
 from lafite_core.method.editing import edit_features
 from lafite_core.method.knn import Neighbours, knn_for
+from lafite_core.method.precision import in_precision, resolve_precision
 from lafite_core.method.normalize import FeatureStats
 from lafite_core.method.patchcore import patchcore_maps, patches
 from lafite_core.method.schedule import cosine_schedule
@@ -162,6 +163,8 @@ class Scorer:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model.unet.to(self.device).eval()
         self.sampler = DDIMSampler(cosine_schedule(model.config.diffusion.timesteps), model.config.scoring.eta)
+        self.precision = resolve_precision(model.config.compute.precision, self.device, "scoring with the U-Net")
+        self.eps_model = in_precision(self.model.unet, self.device, self.precision)
         self.knn = knn_for(model.bank, self.device)
         self.baseline_knn = None if model.baseline_bank is None else knn_for(model.baseline_bank, self.device)
 
@@ -196,7 +199,7 @@ class Scorer:
         if method == "lafite":
             editor = lambda x: edit_features(x, self.model.bank, self.knn, k, found)  # noqa: E731
         steps = self.model.config.scoring.ddim_steps if steps is None else steps
-        return lafite_errors(x0, self.model.unet, self.sampler, tau, steps, seeds, editor)
+        return lafite_errors(x0, self.eps_model, self.sampler, tau, steps, seeds, editor)
 
     @torch.no_grad()
     def neighbours(self, raw: torch.Tensor, k: int) -> Neighbours:

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from lafite_core.config import DiffusionConfig
+from lafite_core.method.precision import Resolved, autocast
 from lafite_core.method.schedule import add_noise, cosine_schedule
 from lafite_core.method.unet import UNet
 
@@ -109,11 +110,13 @@ def train_unet(
     state: TrainState | None = None,
     on_checkpoint: Callable[[TrainState], None] | None = None,
     on_epoch: Callable[[int, float], None] | None = None,
+    precision: Resolved = "fp32",
 ) -> TrainState:
     """Train (or continue training) on normalised features [N, D, S, S] for :func:`planned_epochs`.
 
     ``on_checkpoint`` is called every ``cfg.checkpoint_every`` epochs and after the last one;
-    ``on_epoch(epoch, mean_loss)`` after every epoch (progress display).
+    ``on_epoch(epoch, mean_loss)`` after every epoch (progress display). ``precision``: bf16 runs the
+    U-Net's forward pass under autocast (fp32 weights, optimiser and loss).
     """
     if features.ndim != 4 or features.shape[0] == 0:
         raise ValueError(f"need non-empty features [N, D, S, S], got {tuple(features.shape)}")
@@ -137,7 +140,9 @@ def train_unet(
             t = torch.randint(0, cfg.timesteps, (idx.numel(),), generator=g_dev, device=device)
             eps = torch.randn(x0.shape, generator=g_dev, device=device)
             x_t = add_noise(x0, eps, ab[t])  # eq. 3 / 8
-            loss = F.mse_loss(state.unet(x_t, t), eps)  # eq. 6
+            with autocast(device, precision):
+                pred = state.unet(x_t, t)
+            loss = F.mse_loss(pred.float(), eps)  # eq. 6
             state.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             state.optimizer.step()
