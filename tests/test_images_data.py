@@ -123,3 +123,32 @@ def test_discover_real_magnetic_tile(shared_data):
     assert (len(c.train), sum(s.label == 0 for s in c.test), sum(s.label for s in c.test)) == (762, 190, 392)
     assert {s.defect_type for s in c.test if s.label} == {"blowhole", "break", "crack", "fray", "uneven"}
     assert all(s.mask_url for s in c.test if s.label) and not c.missing_masks
+
+
+def _camera_jpeg(w: int, h: int, mode: str = "RGB") -> bytes:
+    rng = np.random.default_rng(0)
+    y, x = np.mgrid[0:h, 0:w]
+    img = np.stack([128 + 60 * np.sin(x / 37.0) + 40 * np.cos(y / 23.0), 128 + 50 * np.sin((x + y) / 51.0),
+                    100 + rng.normal(0, 10, (h, w))], -1)
+    im = Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
+    buf = io.BytesIO()
+    (im.convert("L") if mode == "L" else im).save(buf, "JPEG", quality=90)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("size, mode, drafted", [((2000, 1500), "RGB", True), ((2000, 1500), "L", True),
+                                                 ((400, 300), "RGB", False)])
+def test_large_jpegs_decode_at_reduced_scale_like_a_full_decode(monkeypatch, size, mode, drafted):
+    from PIL import JpegImagePlugin
+
+    data = _camera_jpeg(*size, mode)
+    full = np.asarray(Image.open(io.BytesIO(data)).convert("RGB").resize((224, 224), Image.BILINEAR)).astype(int)
+    calls = []
+    real = JpegImagePlugin.JpegImageFile.draft
+    monkeypatch.setattr(JpegImagePlugin.JpegImageFile, "draft",
+                        lambda self, m, s: calls.append(s) or real(self, m, s))
+    out, original = decode_image(data, 224)
+    assert original == size and out.shape == (224, 224, 3)
+    assert bool(calls) == drafted  # only images at least twice the model size are decoded smaller
+    diff = np.abs(out.astype(int) - full)
+    assert diff.mean() < 1.0 and diff.max() <= 12, (diff.mean(), diff.max())

@@ -2,7 +2,9 @@
 
 Images become RGB uint8 [S, S, 3] (bilinear resize); masks become bool [S, S] (nearest resize,
 binarised at half the value range). Decoding is bounded: files over ``max_bytes`` and images over
-``max_pixels`` are refused before their pixels are decoded.
+``max_pixels`` are refused before their pixels are decoded. A JPEG larger than the model size is
+decoded at a reduced scale (1/2, 1/4 or 1/8 in the DCT, ``PIL.Image.draft``) that keeps both sides
+at least the model size, before the resize: a camera-sized image then costs a fraction of a full decode.
 """
 
 from __future__ import annotations
@@ -23,7 +25,10 @@ class ImageDecodeError(ValueError):
     """A file could not be turned into an image; the message names the file and the reason."""
 
 
-def _open(data: bytes, name: str, max_pixels: int, max_bytes: int) -> Image.Image:
+def _open(data: bytes, name: str, max_pixels: int, max_bytes: int,
+          draft: int | None = None) -> tuple[Image.Image, tuple[int, int]]:
+    """Checked open and load -> (image, original (width, height)); ``draft``: let a JPEG at least
+    twice that size decode at the smallest DCT scale whose sides stay at least ``draft`` pixels."""
     if len(data) == 0:
         raise ImageDecodeError(f"{name}: empty file (0 bytes)")
     if len(data) > max_bytes:
@@ -42,11 +47,13 @@ def _open(data: bytes, name: str, max_pixels: int, max_bytes: int) -> Image.Imag
             f"{name}: image is {w}x{h} = {w * h} pixels, over the limit of {max_pixels} "
             f"(DataConfig.max_image_pixels)"
         )
+    if draft is not None and im.format == "JPEG" and min(w, h) >= 2 * draft:
+        im.draft(im.mode, (draft, draft))
     try:
         im.load()  # PIL raises OSError on truncated data (ImageFile.LOAD_TRUNCATED_IMAGES is False)
     except Exception as exc:
         raise ImageDecodeError(f"{name}: image data is truncated or corrupt ({exc})") from None
-    return im
+    return im, (w, h)
 
 
 def _to_8bit(im: Image.Image) -> Image.Image:
@@ -77,9 +84,8 @@ def decode_image(
     data: bytes, size: int, name: str = "<bytes>", max_pixels: int = 100_000_000,
     max_bytes: int = DEFAULT_MAX_BYTES,
 ) -> tuple[np.ndarray, tuple[int, int]]:
-    """Bytes -> (RGB uint8 [size, size, 3], original (width, height))."""
-    im = _open(data, name, max_pixels, max_bytes)
-    original = im.size
+    """Bytes -> (RGB uint8 [size, size, 3], original (width, height)); JPEGs decode at a reduced scale."""
+    im, original = _open(data, name, max_pixels, max_bytes, draft=size)
     rgb = _rgb(im).resize((size, size), Image.BILINEAR)
     return np.asarray(rgb, dtype=np.uint8).copy(), original
 
@@ -93,7 +99,7 @@ def decode_mask(
     ``expected_size`` is the (width, height) of the image the mask belongs to; a mask of another
     size is refused because it cannot be aligned with the image reliably.
     """
-    im = _open(data, name, max_pixels, DEFAULT_MAX_BYTES)
+    im, _ = _open(data, name, max_pixels, DEFAULT_MAX_BYTES)
     if expected_size is not None and im.size != tuple(expected_size):
         raise ImageDecodeError(
             f"{name}: mask is {im.size[0]}x{im.size[1]} but its image is "
