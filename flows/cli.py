@@ -12,6 +12,7 @@ from typing import Any, Sequence
 
 import tasks.runtime  # noqa: F401  (environment first)
 from lafite_core.config import PROFILES
+from lafite_core.datapath.layouts import FORMATS, DataLayout
 from lafite_core.method.scoring import METHODS
 
 log = logging.getLogger("lafite")
@@ -50,6 +51,37 @@ def _add_common(p: argparse.ArgumentParser, store_default: str | None = None) ->
                    help="address of an existing Ray cluster (default: start a local Ray on 127.0.0.1)")
 
 
+def _add_data(p: argparse.ArgumentParser, root_help: str) -> None:
+    p.add_argument("--data-root", required=True, help=root_help)
+    p.add_argument("--format", choices=FORMATS, default="auto",
+                   help="layout of the data root: mvtec (MVTec AD, MPDD), visa (split_csv/1cls.csv), folder "
+                        "(the options below); auto (default): folder when --normal-dir is given, else VisA "
+                        "where split_csv/1cls.csv exists, else MVTec AD")
+    folder = p.add_argument_group("folder layout (one category; folders relative to the data root)")
+    folder.add_argument("--normal-dir", default=None, help="folder of normal images")
+    folder.add_argument("--abnormal-dir", default=None, help="folder of anomalous test images")
+    folder.add_argument("--mask-dir", default=None,
+                        help="folder of masks named like the anomalous images (<stem>.png or <stem>_mask.png)")
+    folder.add_argument("--normal-test-dir", default=None,
+                        help="folder of normal test images (default: --normal-split-ratio of --normal-dir)")
+    folder.add_argument("--normal-split-ratio", type=float, default=0.2,
+                        help="share of the normal images held out for testing without --normal-test-dir (0.2)")
+    folder.add_argument("--category-name", default=None, help="category name (default: the root's folder name)")
+
+
+def _layout(args: argparse.Namespace) -> DataLayout:
+    """The layout the data options describe; a contradiction exits with the reason."""
+    from pydantic import ValidationError
+
+    try:
+        return DataLayout(format=args.format, normal_dir=args.normal_dir, abnormal_dir=args.abnormal_dir,
+                          mask_dir=args.mask_dir, normal_test_dir=args.normal_test_dir,
+                          normal_split_ratio=args.normal_split_ratio, category_name=args.category_name)
+    except ValidationError as exc:
+        reasons = "; ".join(e["msg"].removeprefix("Value error, ") for e in exc.errors())
+        raise SystemExit(f"lafite: {reasons}") from None
+
+
 def _add_training(p: argparse.ArgumentParser) -> None:
     p.add_argument("--profile", choices=sorted(PROFILES), default="cpu",
                    help="cpu: EfficientNet-Lite0 + small U-Net, minutes on a CPU; paper: the paper's settings, for a GPU")
@@ -74,8 +106,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     from flows.params import TrainParams
     from flows.train import train_flow
 
-    out = train_flow(TrainParams(data_root=args.data_root, categories=args.categories, profile=args.profile,
-                                 overrides=_overrides(args), seed=args.seed, evaluate=not args.no_evaluate,
+    out = train_flow(TrainParams(data_root=args.data_root, layout=_layout(args), categories=args.categories,
+                                 profile=args.profile, overrides=_overrides(args), seed=args.seed,
+                                 evaluate=not args.no_evaluate,
                                  store=_store(args), ray_address=args.ray_address, device=args.device))
     print(f"\nmodel version {out.model_version} (tau={out.tau}, K={out.k}, threshold {out.threshold:.4f})")
     print(f"store: {out.store}")
@@ -100,6 +133,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from lafite_core.store.storage import Store
     from lafite_core.store.tables import metrics_table, seed_summary
 
+    layout = _layout(args)
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     store = args.store or str(out_dir / "store")
@@ -107,8 +141,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     rows: list[dict] = []
     versions = []
     if args.model_version:
-        ev = evaluate_flow(EvaluateParams(data_root=args.data_root, categories=args.categories, store=store,
-                                          model_version=args.model_version, ray_address=args.ray_address))
+        ev = evaluate_flow(EvaluateParams(data_root=args.data_root, layout=layout, categories=args.categories,
+                                          store=store, model_version=args.model_version,
+                                          ray_address=args.ray_address))
         rows += ev.rows
         versions.append(ev.model_version)
     else:
@@ -117,13 +152,15 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         groups: list[tuple[list[str] | None, str]] = [(args.categories, store)]
         if args.per_category:
             from lafite_core.datapath.data import discover
+            from lafite_core.store.storage import storage_options_from_env
 
-            cats = discover(args.data_root, args.categories)
+            cats = discover(args.data_root, args.categories, storage_options_from_env(args.data_root), layout)
             groups = [([c.key], f"{store}/per-category/{c.dataset}/{c.name}") for c in cats]
         for seed in args.seeds:
             for categories, group_store in groups:
-                tr = train_flow(TrainParams(data_root=args.data_root, categories=categories, profile=args.profile,
-                                            overrides=_overrides(args), seed=seed, evaluate=True, store=group_store,
+                tr = train_flow(TrainParams(data_root=args.data_root, layout=layout, categories=categories,
+                                            profile=args.profile, overrides=_overrides(args), seed=seed,
+                                            evaluate=True, store=group_store,
                                             ray_address=args.ray_address, device=args.device))
                 assert tr.evaluation is not None
                 rows += tr.evaluation.rows
@@ -243,7 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(fn=cmd_demo)
 
     t = sub.add_parser("train", help="train and publish a model version (the nightly job)")
-    t.add_argument("--data-root", required=True, help="MVTec-layout root: folder or s3:// prefix")
+    _add_data(t, "dataset root: folder or s3:// prefix (MVTec AD, VisA or folder layout; see --format)")
     _add_training(t)
     t.add_argument("--seed", type=int, default=0, help="seed for initialisation, sampling and noise")
     t.add_argument("--no-evaluate", action="store_true", help="skip the evaluation on labelled test sets")
@@ -251,7 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(fn=cmd_train)
 
     e = sub.add_parser("evaluate", help="train per seed on ROOT, evaluate, write OUT/metrics.parquet")
-    e.add_argument("--data-root", required=True, help="MVTec-layout root holding one dataset or several")
+    _add_data(e, "dataset root (folder or s3:// prefix) holding one dataset or several; see --format")
     e.add_argument("--out", required=True, help="output folder (metrics.parquet; the store defaults to OUT/store)")
     _add_training(e)
     e.add_argument("--seeds", type=int, nargs="+", default=[0], help="one model per seed; mean +- std reported")

@@ -32,7 +32,7 @@ def evaluate_flow(params: EvaluateParams) -> EvaluateOutcome:
     run_id = params.run_id or new_run_id("evaluate")
     store = Store(params.store)
     version = store.resolve_version(params.model_version)
-    categories = [c for c in discover_task(params.data_root, params.categories) if c.test]
+    categories = [c for c in discover_task(params.data_root, params.categories, params.layout) if c.test]
     if not categories:
         raise ValueError(f"no category under {params.data_root} has test images to evaluate on")
     log.info("evaluating model %s on %d categories", version, len(categories))

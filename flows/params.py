@@ -9,6 +9,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from lafite_core.config import PipelineConfig, Profile, load_profile
+from lafite_core.datapath.layouts import DataLayout
 from lafite_core.method.scoring import METHODS, Method
 
 
@@ -30,7 +31,10 @@ class _Params(BaseModel):
 
 
 class TrainParams(_Params):
-    data_root: str = Field(..., description="MVTec-layout root: folder or s3:// prefix")
+    data_root: str = Field(..., description="dataset root: folder or s3:// prefix (MVTec AD, VisA or folder layout)")
+    layout: DataLayout = Field(
+        default_factory=DataLayout, description='layout of data_root, e.g. {"format": "visa"}; default detected'
+    )
     categories: list[str] | None = Field(None, description="category names (or dataset/category); default all")
     profile: Profile = "cpu"
     overrides: dict[str, Any] = Field(
@@ -48,6 +52,7 @@ class TrainParams(_Params):
 
 class EvaluateParams(_Params):
     data_root: str
+    layout: DataLayout = Field(default_factory=DataLayout, description="layout of data_root; default detected")
     categories: list[str] | None = None
     model_version: str | None = Field(None, description="default: the latest complete version")
     methods: list[Method] = Field(default_factory=lambda: list(METHODS))

@@ -35,7 +35,7 @@ def train_flow(params: TrainParams) -> TrainOutcome:
     cfg = params.config()
     run_id = params.run_id or new_run_id("train")
     log.info("run %s: profile %s, config %s, store %s", run_id, params.profile, config_hash(cfg), params.store)
-    plan = plan_training(discover_task(params.data_root, params.categories), cfg)
+    plan = plan_training(discover_task(params.data_root, params.categories, params.layout), cfg)
     extraction = extract_features_task(params.store, cfg.to_json(), plan.fit + plan.holdout, params.data_root)
     trained = train_task(params.store, cfg.to_json(), plan, run_id, extraction.backbone,
                          list(extraction.report.failures), params.device, params.ray_address)
@@ -45,7 +45,8 @@ def train_flow(params: TrainParams) -> TrainOutcome:
     labelled = [c for c in plan.categories if c.test]
     if params.evaluate and labelled:
         evaluation = evaluate_flow(EvaluateParams(
-            data_root=params.data_root, categories=params.categories, model_version=version.version,
+            data_root=params.data_root, layout=params.layout, categories=params.categories,
+            model_version=version.version,
             store=params.store, ray_address=params.ray_address, run_id=f"{run_id}-eval", seed=params.seed,
         ))
     return TrainOutcome(run_id, version.version, params.store, selection.tau, selection.k, selection.threshold,

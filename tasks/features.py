@@ -11,6 +11,7 @@ import tasks.runtime  # noqa: F401  (environment before Ray/Prefect work)
 from lafite_core.method.backbone import FeatureExtractor
 from lafite_core.config import PipelineConfig
 from lafite_core.datapath.data import Category, Sample, discover
+from lafite_core.datapath.layouts import DataLayout
 from lafite_core.store.feature_store import ExtractionReport, FeatureStore, extract_into
 from lafite_core.stages import backbone_card, require_readable
 from lafite_core.store.storage import Store, storage_options_from_env
@@ -18,9 +19,10 @@ from tasks.progress import LogProgress, run_logger
 
 
 @task(name="discover", cache_policy=NONE, retries=2, retry_delay_seconds=5)
-def discover_task(data_root: str, categories: list[str] | None = None) -> list[Category]:
-    """Categories in MVTec layout under ``data_root`` (metadata only)."""
-    found = discover(data_root, categories, storage_options_from_env(data_root))
+def discover_task(data_root: str, categories: list[str] | None = None,
+                  layout: DataLayout | None = None) -> list[Category]:
+    """Categories under ``data_root`` in ``layout`` (default: detected); metadata only."""
+    found = discover(data_root, categories, storage_options_from_env(data_root), layout)
     log = run_logger()
     for c in found:
         log.info("%s: %d train, %d test images%s", c.key, len(c.train), len(c.test),

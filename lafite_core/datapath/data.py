@@ -1,13 +1,7 @@
-"""Dataset discovery in MVTec-AD layout, from a local path or any fsspec URL.
+"""Samples and categories of a dataset, their discovery under a root, and reading them back.
 
-Layout (MVTec-AD and MPDD)::
-
-    <root>/<category>/train/good/*.png
-    <root>/<category>/test/<type>/*.png            (type "good" or a defect name)
-    <root>/<category>/ground_truth/<type>/<stem>_mask.png
-
-A root may hold categories directly (the dataset is named after the root) or one folder per dataset
-holding categories, or be a single category folder itself.
+``discover`` finds the categories of a local path or any fsspec URL in one of the layouts of
+:mod:`lafite_core.datapath.layouts` (MVTec AD, VisA, or plain folders), given or detected.
 """
 
 from __future__ import annotations
@@ -16,14 +10,18 @@ import logging
 import os
 import posixpath
 from dataclasses import dataclass, field
-from typing import Literal, Sequence
+from typing import TYPE_CHECKING, Literal, Sequence
 
 import fsspec
 import numpy as np
 from fsspec.core import url_to_fs
 
-from lafite_core.datapath.images import DEFAULT_MAX_BYTES, IMAGE_EXTENSIONS, ImageDecodeError, decode_image, decode_mask
+from lafite_core.datapath.images import (DEFAULT_MAX_BYTES, IMAGE_EXTENSIONS, ImageDecodeError, MaskRule, decode_image,
+                                         decode_mask)
 from lafite_core.store.storage import RetryPolicy, content_hash, fs_protocol
+
+if TYPE_CHECKING:
+    from lafite_core.datapath.layouts import DataLayout
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +36,7 @@ class Sample:
     split: Literal["train", "test"]
     defect_type: str
     mask_url: str | None = None
+    mask_rule: MaskRule = "half"  # how the mask's pixel values mean defect (the layout's convention)
 
     @property
     def label(self) -> int:
@@ -123,69 +122,32 @@ def _images(fs: fsspec.AbstractFileSystem, path: str, root: str | None = None) -
     return found
 
 
-def _is_category(fs: fsspec.AbstractFileSystem, path: str) -> bool:
-    return fs.isdir(_join(fs, path, "train")) or fs.isdir(_join(fs, path, "test"))
-
-
-def _read_category(fs: fsspec.AbstractFileSystem, path: str, dataset: str, root: str) -> Category:
-    name = posixpath.basename(path.rstrip("/"))
-    train = tuple(
-        Sample(_url(fs, p), dataset, name, "train", "good")
-        for p in _images(fs, _join(fs, path, "train", "good"), root)
-    )
-    test: list[Sample] = []
-    missing: list[str] = []
-    for type_dir in _dirs(fs, _join(fs, path, "test")):
-        defect = posixpath.basename(type_dir)
-        gt_dir = _join(fs, path, "ground_truth", defect)
-        masks = {posixpath.basename(m): m for m in _images(fs, gt_dir, root)} if defect != "good" else {}
-        for p in _images(fs, type_dir, root):
-            stem = posixpath.splitext(posixpath.basename(p))[0]
-            mask = masks.get(f"{stem}_mask.png")
-            if defect != "good" and mask is None:
-                missing.append(_url(fs, p))
-            test.append(Sample(_url(fs, p), dataset, name, "test", defect, _url(fs, mask) if mask else None))
-    return Category(dataset, name, _url(fs, path), train, tuple(test), tuple(missing))
-
-
 def discover(
     root: str,
     categories: list[str] | None = None,
     storage_options: dict | None = None,
+    layout: DataLayout | None = None,
 ) -> list[Category]:
-    """All categories under ``root`` (a path or fsspec URL), optionally filtered by name.
+    """All categories under ``root`` (a path or fsspec URL) in ``layout`` (default: detected), optionally
+    filtered by name.
 
     ``categories`` entries match either the category name or ``dataset/category``. Raises
-    FileNotFoundError for a missing root and ValueError when nothing in MVTec layout is found.
+    FileNotFoundError for a missing root and ValueError, naming the expected layouts, when nothing in
+    them is found.
     """
+    from lafite_core.datapath.layouts import DataLayout, read_layout  # layouts build on this module's types
+
     fs, path = url_to_fs(root, **(storage_options or {}))
     path = path.rstrip("/") or path
     if not fs.isdir(path):
         raise FileNotFoundError(f"data root {root!r} does not exist or is not a folder")
-    found: list[Category] = []
-    if _is_category(fs, path):
-        parent = posixpath.basename(posixpath.dirname(path)) or "data"
-        found.append(_read_category(fs, path, parent, path))
-    else:
-        root_name = posixpath.basename(path) or "data"
-        for child in _dirs(fs, path):
-            if _is_category(fs, child):
-                found.append(_read_category(fs, child, root_name, path))
-            else:
-                for grandchild in _dirs(fs, child):
-                    if _is_category(fs, grandchild):
-                        found.append(_read_category(fs, grandchild, posixpath.basename(child), path))
+    found = read_layout(fs, path, root, layout or DataLayout())
     if categories:
         wanted = set(categories)
         found = [c for c in found if c.name in wanted or c.key in wanted]
         unknown = wanted - {c.name for c in found} - {c.key for c in found}
         if unknown:
             raise ValueError(f"categories {sorted(unknown)} not found under {root!r}")
-    if not found:
-        raise ValueError(
-            f"no category in MVTec-AD layout under {root!r}: expected "
-            f"<root>/<category>/train/good/*.png (or <root>/<dataset>/<category>/...)"
-        )
     for c in found:
         if c.missing_masks:
             log.warning("%s: %d anomalous test images have no mask (e.g. %s); they are left out of "
@@ -226,7 +188,7 @@ def load_sample(sample: Sample, size: int, max_pixels: int = 100_000_000,
     if sample.mask_url:
         try:
             mask = decode_mask(read_bytes(sample.mask_url, storage_options), size, sample.mask_url,
-                               expected_size=original, max_pixels=max_pixels)
+                               expected_size=original, max_pixels=max_pixels, rule=sample.mask_rule)
         except (OSError, ValueError) as exc:
             mask_error = f"{type(exc).__name__}: {exc}"
             log.warning("unusable mask, image left out of pixel metrics: %s", mask_error)

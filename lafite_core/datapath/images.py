@@ -1,7 +1,7 @@
 """Decoding images and masks of any common size and mode into model-sized arrays.
 
 Images become RGB uint8 [S, S, 3] (bilinear resize); masks become bool [S, S] (nearest resize,
-binarised at half the value range). Decoding is bounded: files over ``max_bytes`` and images over
+binarised by a :data:`MaskRule`: at half the value range, or any non-zero value). Decoding is bounded: files over ``max_bytes`` and images over
 ``max_pixels`` are refused before their pixels are decoded. A JPEG larger than the model size is
 decoded at a reduced scale (1/2, 1/4 or 1/8 in the DCT, ``PIL.Image.draft``) that keeps both sides
 at least the model size, before the resize: a camera-sized image then costs a fraction of a full decode.
@@ -10,12 +10,18 @@ at least the model size, before the resize: a camera-sized image then costs a fr
 from __future__ import annotations
 
 import io
+from typing import Literal
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 DEFAULT_MAX_BYTES = 256 * 1024 * 1024
+
+# How a mask's pixels become defect / not defect. "half": grey value >= 128 after scaling to 8 bits
+# (MVTec AD masks are 0 / 255). "nonzero": any non-zero stored value, palette index or colour channel
+# (VisA masks hold small values, 1, 2, ..., per defect region; anomalib's Folder reads masks as > 0).
+MaskRule = Literal["half", "nonzero"]
 
 # PIL's own bomb check is replaced by the explicit limit below (applied before decoding).
 Image.MAX_IMAGE_PIXELS = None
@@ -92,9 +98,9 @@ def decode_image(
 
 def decode_mask(
     data: bytes, size: int, name: str = "<bytes>", expected_size: tuple[int, int] | None = None,
-    max_pixels: int = 100_000_000,
+    max_pixels: int = 100_000_000, rule: MaskRule = "half",
 ) -> np.ndarray:
-    """Mask bytes -> bool [size, size]: nearest resize, then binarised at half the value range.
+    """Mask bytes -> bool [size, size]: binarised by ``rule`` (see :data:`MaskRule`), then nearest resize.
 
     ``expected_size`` is the (width, height) of the image the mask belongs to; a mask of another
     size is refused because it cannot be aligned with the image reliably.
@@ -105,7 +111,14 @@ def decode_mask(
             f"{name}: mask is {im.size[0]}x{im.size[1]} but its image is "
             f"{expected_size[0]}x{expected_size[1]}; masks must match their image"
         )
-    if im.mode.startswith("I") or im.mode == "F":
-        im = _to_8bit(im)
-    grey = im.convert("L").resize((size, size), Image.NEAREST)
-    return np.asarray(grey) >= 128
+    if rule == "nonzero":
+        raw = np.asarray(im)  # stored values: palette indices for "P", not their colours
+        if im.mode in ("RGBA", "LA", "PA"):
+            raw = raw[..., :-1]  # alpha says nothing about defects
+        defect = raw != 0 if raw.ndim == 2 else (raw != 0).any(axis=-1)
+        grey = Image.fromarray(defect.astype(np.uint8) * 255)
+    else:
+        if im.mode.startswith("I") or im.mode == "F":
+            im = _to_8bit(im)
+        grey = im.convert("L")
+    return np.asarray(grey.resize((size, size), Image.NEAREST)) >= 128
