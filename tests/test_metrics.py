@@ -1,20 +1,27 @@
-"""Tests for lafite_core.method.metrics: parity with scikit-learn, hand-computed AUPRO, a brute-force AUPRO."""
+"""Tests for lafite_core.method.metrics: parity with scikit-learn (the rank-based fast path and the
+curves included), hand-computed AUPRO, a brute-force AUPRO."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 from scipy import ndimage
+from sklearn import metrics as sk_metrics
 from sklearn.metrics import average_precision_score, roc_auc_score
 
+from lafite_core.method import metrics
 from lafite_core.method.metrics import (
     CategoryMetrics,
+    PrCurve,
+    RocCurve,
     Summary,
     aupro,
     auroc,
     average_precision,
     compute_category_metrics,
     mean_std_over_seeds,
+    pr_curve,
+    roc_curve,
     summarize,
 )
 
@@ -71,10 +78,148 @@ def test_errors(metric) -> None:
         metric(np.ones((2, 3), dtype=bool), np.ones((2, 3)))
     with pytest.raises(ValueError, match="NaN"):
         metric(np.array([0, 1, 1]), np.array([0.1, np.nan, 0.3]))
+    with pytest.raises(ValueError, match="inf"):
+        metric(np.array([0, 1, 1]), np.array([0.1, np.inf, 0.3], dtype=np.float32))
     with pytest.raises(ValueError, match="shape"):
         metric(np.array([[0, 1], [1, 0]]), np.arange(4.0))
     with pytest.raises(ValueError, match="0/1"):
         metric(np.array([0, 2, 1]), np.arange(3.0))
+
+
+# ---------------------------------------------------------------------------------------------
+# The rank-based path for large inputs against scikit-learn
+
+
+def _tied_pixels(seed: int, n: int, decimals: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """Labels [n] bool (~3% positive) and float32 scores [n], rounded to ``decimals`` (ties across classes)."""
+    rng = np.random.default_rng(seed)
+    labels = rng.random(n) < 0.03
+    scores = rng.standard_normal(n) / 8.0 + 0.2 * labels
+    if decimals is not None:
+        scores = np.round(scores, decimals)
+    return labels, scores.astype(np.float32)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("decimals", [1, 3, None])
+def test_rank_path_matches_sklearn_with_ties(seed: int, decimals: int | None) -> None:
+    labels, scores = _tied_pixels(seed, 50_000, decimals)
+    if decimals is not None:
+        assert np.unique(scores).size < scores.size // 5
+    assert metrics._rank_auroc(labels, scores) == pytest.approx(roc_auc_score(labels, scores), abs=1e-9)
+    assert metrics._rank_average_precision(labels, scores) == pytest.approx(
+        average_precision_score(labels, scores), abs=1e-9)
+
+
+def test_rank_path_matches_sklearn_at_the_threshold_size() -> None:
+    labels, scores = _tied_pixels(2, metrics._FAST_PATH_MIN_SAMPLES, 4)
+    assert auroc(labels, scores) == pytest.approx(roc_auc_score(labels, scores), abs=1e-9)
+    assert average_precision(labels, scores) == pytest.approx(average_precision_score(labels, scores), abs=1e-9)
+
+
+def test_large_inputs_take_the_rank_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    def unused(*args, **kwargs):
+        raise AssertionError("scikit-learn was called above the fast-path threshold")
+
+    monkeypatch.setattr(metrics, "_FAST_PATH_MIN_SAMPLES", 100)
+    monkeypatch.setattr(sk_metrics, "roc_auc_score", unused)
+    monkeypatch.setattr(sk_metrics, "average_precision_score", unused)
+    labels, scores = _tied_pixels(3, 100, 1)
+    labels[:2] = [True, False]
+    auroc(labels, scores)
+    average_precision(labels, scores)
+    with pytest.raises(AssertionError, match="scikit-learn was called"):
+        auroc(labels[:99], scores[:99])
+    with pytest.raises(AssertionError, match="scikit-learn was called"):
+        average_precision(labels[:99], scores[:99])
+
+
+# ---------------------------------------------------------------------------------------------
+# ROC and precision-recall curves
+
+
+@pytest.mark.parametrize("decimals", [2, None])
+def test_roc_curve_matches_sklearn_and_is_monotone(decimals: int | None) -> None:
+    labels, scores = _tied_pixels(4, 20_000, decimals)
+    curve = roc_curve(labels.reshape(100, 200), scores.reshape(100, 200))
+    assert isinstance(curve, RocCurve)
+    fpr, tpr, thresholds = sk_metrics.roc_curve(labels, scores, drop_intermediate=False)
+    np.testing.assert_array_equal(curve.fpr, fpr)
+    np.testing.assert_array_equal(curve.tpr, tpr)
+    np.testing.assert_array_equal(curve.thresholds, thresholds)
+    assert curve.fpr.size == np.unique(scores).size + 1  # one point per distinct score, plus (0, 0)
+    assert (curve.fpr[0], curve.tpr[0], curve.fpr[-1], curve.tpr[-1]) == (0.0, 0.0, 1.0, 1.0)
+    assert np.all(np.diff(curve.fpr) >= 0) and np.all(np.diff(curve.tpr) >= 0)
+    assert np.all(np.diff(curve.thresholds) < 0)
+    assert np.trapezoid(curve.tpr, curve.fpr) == pytest.approx(auroc(labels, scores), abs=1e-12)
+
+
+@pytest.mark.parametrize("decimals", [2, None])
+def test_pr_curve_matches_sklearn_and_is_monotone(decimals: int | None) -> None:
+    labels, scores = _tied_pixels(5, 20_000, decimals)
+    curve = pr_curve(labels, scores)
+    assert isinstance(curve, PrCurve)
+    precision, recall, thresholds = sk_metrics.precision_recall_curve(labels, scores)
+    np.testing.assert_array_equal(curve.precision, precision)
+    np.testing.assert_array_equal(curve.recall, recall)
+    np.testing.assert_array_equal(curve.thresholds, thresholds)
+    assert curve.thresholds.size == curve.recall.size - 1
+    assert (curve.recall[0], curve.recall[-1], curve.precision[-1]) == (1.0, 0.0, 1.0)
+    assert curve.precision[0] == pytest.approx(labels.mean(), abs=1e-15)  # every sample flagged
+    assert np.all(np.diff(curve.recall) <= 0) and np.all(np.diff(curve.thresholds) > 0)
+    assert np.all((curve.precision >= 0) & (curve.precision <= 1))
+    ap = -np.sum(np.diff(curve.recall) * curve.precision[:-1])
+    assert ap == pytest.approx(average_precision(labels, scores), abs=1e-12)
+
+
+def _is_sub_curve(x: np.ndarray, y: np.ndarray, t: np.ndarray, full_x: np.ndarray, full_y: np.ndarray,
+                  full_t: np.ndarray) -> bool:
+    """Whether every (x, y, t) point of a thinned curve is a point of the full curve (points [P] and [Q])."""
+    at = np.searchsorted(-full_t, -t) if full_t[0] > full_t[-1] else np.searchsorted(full_t, t)
+    at = np.minimum(at, full_t.size - 1)
+    return bool(np.array_equal(full_t[at], t) and np.array_equal(full_x[at], x) and np.array_equal(full_y[at], y))
+
+
+def test_roc_curve_thinned() -> None:
+    labels, scores = _tied_pixels(6, 50_000, None)
+    full = roc_curve(labels, scores)
+    # drop_intermediate alone (max_points above its count) drops collinear points: same area.
+    dropped = roc_curve(labels, scores, max_points=10**9)
+    assert dropped.fpr.size < full.fpr.size
+    assert np.trapezoid(dropped.tpr, dropped.fpr) == pytest.approx(auroc(labels, scores), abs=1e-12)
+    thin = roc_curve(labels, scores, max_points=200)
+    assert 100 <= thin.fpr.size <= 200
+    assert (thin.fpr[0], thin.tpr[0], thin.fpr[-1], thin.tpr[-1]) == (0.0, 0.0, 1.0, 1.0)
+    assert np.all(np.diff(thin.fpr) >= 0) and np.all(np.diff(thin.tpr) >= 0)
+    assert _is_sub_curve(thin.fpr, thin.tpr, thin.thresholds, full.fpr, full.tpr, full.thresholds)
+    assert np.trapezoid(thin.tpr, thin.fpr) == pytest.approx(auroc(labels, scores), abs=1e-3)
+    assert roc_curve(labels, scores, max_points=2).fpr.tolist() == [0.0, 1.0]
+
+
+def test_pr_curve_thinned() -> None:
+    labels, scores = _tied_pixels(7, 50_000, None)
+    full = pr_curve(labels, scores)
+    thin = pr_curve(labels, scores, max_points=200)
+    assert 100 <= thin.recall.size <= 200
+    assert thin.thresholds.size == thin.recall.size - 1
+    assert (thin.recall[0], thin.recall[-1], thin.precision[-1]) == (1.0, 0.0, 1.0)
+    assert np.all(np.diff(thin.recall) <= 0) and np.all(np.diff(thin.thresholds) > 0)
+    assert _is_sub_curve(thin.recall[:-1], thin.precision[:-1], thin.thresholds,
+                         full.recall[:-1], full.precision[:-1], full.thresholds)
+    ap = -np.sum(np.diff(thin.recall) * thin.precision[:-1])
+    assert ap == pytest.approx(average_precision(labels, scores), abs=5e-3)
+
+
+@pytest.mark.parametrize("curve", [roc_curve, pr_curve])
+def test_curve_errors(curve) -> None:
+    labels, scores = _tied_pixels(8, 100, 1)
+    labels[:2] = [True, False]
+    with pytest.raises(ValueError, match="max_points"):
+        curve(labels, scores, max_points=1)
+    with pytest.raises(ValueError, match="only negative"):
+        curve(np.zeros(5), np.arange(5.0))
+    with pytest.raises(ValueError, match="inf"):
+        curve(labels, np.where(labels, np.inf, scores))
 
 
 # ---------------------------------------------------------------------------------------------
