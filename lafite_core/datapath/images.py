@@ -16,6 +16,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+JPEG_DRAFT = True  # decode large JPEGs at a reduced DCT scale (False: full decode; bench/speed.py compares)
 DEFAULT_MAX_BYTES = 256 * 1024 * 1024
 
 # How a mask's pixels become defect / not defect. "half": grey value >= 128 after scaling to 8 bits
@@ -91,7 +92,7 @@ def decode_image(
     max_bytes: int = DEFAULT_MAX_BYTES,
 ) -> tuple[np.ndarray, tuple[int, int]]:
     """Bytes -> (RGB uint8 [size, size, 3], original (width, height)); JPEGs decode at a reduced scale."""
-    im, original = _open(data, name, max_pixels, max_bytes, draft=size)
+    im, original = _open(data, name, max_pixels, max_bytes, draft=size if JPEG_DRAFT else None)
     rgb = _rgb(im).resize((size, size), Image.BILINEAR)
     return np.asarray(rgb, dtype=np.uint8).copy(), original
 
