@@ -66,3 +66,15 @@ def test_k_greater_than_one_is_convex_combination_of_neighbours():
     lo, hi = bank.min(0), bank.max(0)
     v = out.permute(0, 2, 3, 1).reshape(-1, 3).numpy()
     assert np.all(v >= lo - 1e-6) and np.all(v <= hi + 1e-6)
+
+
+def test_faiss_search_in_calls_equals_one_call(monkeypatch):
+    rng = np.random.default_rng(3)
+    bank = rng.standard_normal((500, 16)).astype(np.float32)
+    queries = rng.standard_normal((1000, 16)).astype(np.float32)
+    whole = FaissKNN(bank).search(queries, 4)
+    monkeypatch.setattr(FaissKNN, "CALL_QUERIES", 7)  # 143 calls, the last one short
+    parts = FaissKNN(bank).search(queries, 4)
+    np.testing.assert_array_equal(parts.indices, whole.indices)
+    np.testing.assert_array_equal(parts.distances, whole.distances)
+    assert parts.indices.dtype == np.int64 and parts.distances.dtype == np.float32

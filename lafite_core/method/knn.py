@@ -48,6 +48,8 @@ def _check(bank: np.ndarray) -> None:
 class FaissKNN:
     """faiss ``IndexFlatL2`` over ``bank`` [M, D]; moved to GPU 0 when faiss sees a GPU."""
 
+    CALL_QUERIES = 16_384  # 16 images of 32 x 32 patches: a second or two per call on a 2-core CPU
+
     def __init__(self, bank: np.ndarray, use_gpu: bool | None = None) -> None:
         import faiss
 
@@ -67,12 +69,20 @@ class FaissKNN:
         self.on_gpu = bool(use_gpu)
 
     def search(self, queries: np.ndarray, k: int) -> Neighbours:
-        """queries [Q, D] -> k nearest bank rows."""
+        """queries [Q, D] -> k nearest bank rows.
+
+        Searched in calls of at most ``CALL_QUERIES`` queries: faiss holds the thread for a whole call,
+        so a long search would otherwise leave Ctrl-C and SIGTERM unanswered for minutes.
+        """
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         if queries.ndim != 2 or k < 1 or k > self.size:
             raise ValueError(f"need queries [Q, D] and 1 <= k <= {self.size}; got {queries.shape}, k={k}")
-        d, i = self.index.search(queries, k)
-        return Neighbours(np.maximum(d, 0), i.astype(np.int64))
+        d = np.empty((queries.shape[0], k), np.float32)
+        i = np.empty((queries.shape[0], k), np.int64)
+        for s in range(0, queries.shape[0], self.CALL_QUERIES):
+            d[s : s + self.CALL_QUERIES], i[s : s + self.CALL_QUERIES] = self.index.search(
+                queries[s : s + self.CALL_QUERIES], k)
+        return Neighbours(np.maximum(d, 0), i)
 
 
 def knn_for(bank: np.ndarray, device: torch.device | str = "cpu") -> KNN:
