@@ -9,8 +9,10 @@ from prefect import flow
 import tasks.runtime  # noqa: F401
 from flows.params import ScoreParams, new_run_id
 from lafite_core.datapath.data import list_images
+from lafite_core.report.batch import BatchCounts
 from lafite_core.store.storage import Store, storage_options_from_env
 from tasks.progress import run_logger
+from tasks.report import batch_report_task
 from tasks.scoring import merge_scores_task, score_shards_task
 
 
@@ -23,11 +25,12 @@ class ScoreOutcome:
     scored: int
     skipped: int
     errors: int
+    report_url: str  # reports/<run_id>/index.html
 
 
 @flow(name="batch_score", log_prints=True)
 def batch_score_flow(params: ScoreParams) -> ScoreOutcome:
-    """Score every image under ``source`` not yet scored by this model version; one table per run."""
+    """Score every image under ``source`` not yet scored by this model version; one table and report per run."""
     log = run_logger()
     run_id = params.run_id or new_run_id("score")
     store = Store(params.store)
@@ -37,8 +40,9 @@ def batch_score_flow(params: ScoreParams) -> ScoreOutcome:
     reports = score_shards_task(params.store, version, run_id, urls, params.source.rstrip("/"), params.method,
                                 params.heatmaps, params.shard_size, params.ray_address)
     table = merge_scores_task(params.store, version, run_id, params.stale_after_s)
-    outcome = ScoreOutcome(run_id, version, table, len(urls), sum(r.scored for r in reports),
-                           sum(r.skipped for r in reports), sum(r.errors for r in reports))
-    log.info("scored %d, skipped %d already scored, %d errors; table: %s", outcome.scored, outcome.skipped,
-             outcome.errors, table or "(nothing new)")
-    return outcome
+    counts = BatchCounts(version, len(urls), sum(r.scored for r in reports), sum(r.skipped for r in reports),
+                         sum(r.errors for r in reports))
+    report = batch_report_task(params.store, run_id, counts)
+    log.info("scored %d, skipped %d already scored, %d errors; table: %s", counts.scored, counts.skipped,
+             counts.errors, table or "(nothing new)")
+    return ScoreOutcome(run_id, version, table, counts.listed, counts.scored, counts.skipped, counts.errors, report)

@@ -1,4 +1,4 @@
-"""The ``lafite`` command: demo, train, evaluate, score, versions. Each runs the Prefect flows."""
+"""The ``lafite`` command: demo, train, evaluate, score, report, versions. Each runs the Prefect flows."""
 
 from __future__ import annotations
 
@@ -115,6 +115,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if out.evaluation:
         _print_rows(out.evaluation.rows)
         print(f"metrics: {out.evaluation.metrics_url}")
+        print(f"report:  {out.evaluation.report_url}")
     return 0
 
 
@@ -140,12 +141,14 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     rows: list[dict] = []
     versions = []
+    reports: list[str] = []
     if args.model_version:
         ev = evaluate_flow(EvaluateParams(data_root=args.data_root, layout=layout, categories=args.categories,
                                           store=store, model_version=args.model_version,
                                           ray_address=args.ray_address))
         rows += ev.rows
         versions.append(ev.model_version)
+        reports.append(ev.report_url)
     else:
         # unified (the paper, default): one model for all categories; --per-category: one model per
         # category, each in its own store under STORE/per-category/<dataset>/<category>
@@ -165,6 +168,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                 assert tr.evaluation is not None
                 rows += tr.evaluation.rows
                 versions.append(tr.model_version)
+                reports.append(tr.evaluation.report_url)
     elapsed = time.perf_counter() - started
     for seed in sorted({r["seed"] for r in rows}):
         print(f"\nseed {seed}:")
@@ -181,6 +185,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     Store(str(out_dir)).write_table(["metrics.parquet"], table, {"model_versions": json.dumps(versions)})
     print(f"\nwrote {out_dir / 'metrics.parquet'} ({len(rows)} rows); store {store}; "
           f"total time {elapsed / 60:.1f} min")
+    for url in reports:
+        print(f"report: {url}")
     return 0
 
 
@@ -194,6 +200,7 @@ def cmd_score(args: argparse.Namespace) -> int:
     print(f"\nmodel {out.model_version}: {out.listed} images, {out.scored} scored, {out.skipped} skipped "
           f"(already scored), {out.errors} errors")
     print(f"table: {out.table_url or '(nothing new to write)'}")
+    print(f"report: {out.report_url}")
     return 0
 
 
@@ -212,6 +219,18 @@ def cmd_versions(args: argparse.Namespace) -> int:
         print(f"{v.version}  created {v.created}  config {v.config_hash}  tau={card['tau']} K={card['k']}  "
               f"categories: {', '.join(card['categories'])}")
     print(f"latest: {versions[-1].version}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from lafite_core.report.target import write_report
+    from lafite_core.store.storage import Store
+
+    try:
+        target, url = write_report(Store(_store(args)), args.name)
+    except ValueError as exc:
+        raise SystemExit(f"lafite report: {exc}")
+    print(f"{target.kind} report of run {target.run_id} (model {target.model_version}): {url}")
     return 0
 
 
@@ -246,7 +265,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"batch scores:  {sc.table_url} ({sc.scored} images scored, {sc.errors} errors)")
     print(f"heat maps:     {where.url(*layout.heatmaps(tr.model_version, sc.run_id))}/")
     print(f"features:      {where.url(*layout.features_root())}/")
+    print(f"batch report:  {sc.report_url}")
     print(f"done in {(time.perf_counter() - started) / 60:.1f} min")
+    print(f"\nevaluation report (open in a browser): {tr.evaluation.report_url}")
     return 0
 
 
@@ -309,6 +330,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="rows of a run silent this long come from a crashed run and are merged into this one")
     _add_common(s)
     s.set_defaults(fn=cmd_score)
+
+    r = sub.add_parser("report", help="(re)write the HTML report of a run: reports/<run_id>/index.html")
+    r.add_argument("name", metavar="RUN_ID|MODEL_VERSION",
+                   help="an evaluation or batch-scoring run id, or a model version (its latest evaluation)")
+    r.add_argument("--store", default=None,
+                   help="artefact store: a folder or s3://bucket/prefix (default: $LAFITE_STORE or ./lafite-store)")
+    r.set_defaults(fn=cmd_report)
 
     v = sub.add_parser("versions", help="list the complete model versions in the store")
     _add_common(v)

@@ -14,6 +14,7 @@ from lafite_core.store.storage import Store
 from tasks.evaluation import evaluate_categories_task, stamp, write_metrics_task
 from tasks.features import discover_task
 from tasks.progress import run_logger
+from tasks.report import evaluation_report_task
 
 
 @dataclass(frozen=True)
@@ -23,11 +24,12 @@ class EvaluateOutcome:
     metrics_url: str
     summary_url: str
     rows: list[dict]
+    report_url: str  # reports/<run_id>/index.html
 
 
 @flow(name="evaluate", log_prints=True)
 def evaluate_flow(params: EvaluateParams) -> EvaluateOutcome:
-    """Score every labelled test image with each method and write per-category and summary tables."""
+    """Score every labelled test image with each method; write per-category and summary tables and the report."""
     log = run_logger()
     run_id = params.run_id or new_run_id("evaluate")
     store = Store(params.store)
@@ -36,8 +38,9 @@ def evaluate_flow(params: EvaluateParams) -> EvaluateOutcome:
     if not categories:
         raise ValueError(f"no category under {params.data_root} has test images to evaluate on")
     log.info("evaluating model %s on %d categories", version, len(categories))
-    rows = stamp(evaluate_categories_task(params.store, version, categories, list(params.methods), params.seed,
-                                          params.data_root, params.ray_address), run_id, version)
+    rows = stamp(evaluate_categories_task(params.store, version, run_id, categories, list(params.methods),
+                                          params.seed, params.data_root, params.ray_address), run_id, version)
     config_json = store.read_bytes(*layout.model_file(version, CONFIG_FILE)).decode()
     urls = write_metrics_task(params.store, run_id, version, rows, config_json)
-    return EvaluateOutcome(run_id, version, urls["metrics"], urls["summary"], rows)
+    report = evaluation_report_task(params.store, run_id)
+    return EvaluateOutcome(run_id, version, urls["metrics"], urls["summary"], rows, report)

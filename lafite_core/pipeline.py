@@ -38,6 +38,8 @@ from lafite_core.stages import (
     training_summary,
     version_files,
 )
+from lafite_core.store.layout import LOSSES_FILE
+from lafite_core.store.losses import losses_bytes
 from lafite_core.store.storage import ModelVersion, Store
 
 log = logging.getLogger(__name__)
@@ -94,7 +96,8 @@ def fit(
 def publish(store: Store, fitted: FitResult, run_id: str = "in-process") -> ModelVersion:
     """Publish a fitted model as a version of ``store`` (the same files the train flow publishes)."""
     summary = training_summary(fitted.trained, fitted.failures, fitted.skipped)
-    files = version_files(selection_files(fitted.selection), run_id, summary)
+    files = version_files({**selection_files(fitted.selection), LOSSES_FILE: losses_bytes(fitted.losses)},
+                          run_id, summary)
     return store.publish_model(files, fitted.model.extra["config_hash"])
 
 

@@ -13,34 +13,42 @@ from lafite_core.store import layout
 from lafite_core.method.backbone import FeatureExtractor
 from lafite_core.datapath.data import Category
 from lafite_core.method.model import Scorer
+from lafite_core.report.evidence import collect
 from lafite_core.stages import load_published, measure, score_category
 from lafite_core.store.storage import Store, storage_options_from_env
 from lafite_core.store.tables import SUMMARY_SCHEMA, metrics_table, summarize_metrics
 from tasks.progress import LogProgress, run_logger, worker_logger
 
 
-def evaluate_category_body(store_url: str, version: str, category: Category, methods: list[str],
+def evaluate_category_body(store_url: str, version: str, run_id: str, category: Category, methods: list[str],
                            seed: int | None, data_root: str) -> tuple[list[dict], list[tuple[str, str]]]:
-    """On a Ray worker: score one category's test set with every method; metric rows and failures."""
+    """On a Ray worker: score one category's test set with every method; metric rows and failures.
+
+    What the run's report needs of the category (scores, pixel curves, gallery) goes to the store.
+    """
     log = worker_logger("lafite.evaluate")
     runtime.use_assigned_cpus()
-    model, _, _ = load_published(Store(store_url), version)
+    store = Store(store_url)
+    model, calibration, _ = load_published(store, version)
     cs, failures = score_category(Scorer(model), FeatureExtractor(model.config.backbone), category, methods,
                                   storage_options_from_env(data_root), LogProgress(log))
     rows = measure(cs, methods, model.config, len(failures), seed)
+    store.write_bytes(layout.evidence(run_id, category.dataset, category.name),
+                      collect(cs, calibration.method).to_bytes())
     return [r.record() for r in rows], [(f.sample.url, f.error) for f in failures]
 
 
 @task(name="evaluate-categories", cache_policy=NONE, retries=1, retry_delay_seconds=10)
-def evaluate_categories_task(store_url: str, version: str, categories: list[Category], methods: list[str],
-                             seed: int | None, data_root: str, ray_address: str | None = None) -> list[dict]:
+def evaluate_categories_task(store_url: str, version: str, run_id: str, categories: list[Category],
+                             methods: list[str], seed: int | None, data_root: str,
+                             ray_address: str | None = None) -> list[dict]:
     """Fan out across categories with Ray; rows in category order."""
     import ray
 
     log = run_logger()
     runtime.ray_init(ray_address)
     remote = ray.remote(num_cpus=1)(evaluate_category_body)
-    refs = [remote.remote(store_url, version, c, methods, seed, data_root) for c in categories]
+    refs = [remote.remote(store_url, version, run_id, c, methods, seed, data_root) for c in categories]
     rows: list[dict] = []
     for c, (cat_rows, failures) in zip(categories, ray.get(refs)):
         for url, error in failures:

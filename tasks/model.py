@@ -55,7 +55,10 @@ def select_task(store_url: str, run_id: str, plan: TrainingPlan, data_root: str)
 def publish_task(store_url: str, run_id: str, summary: dict) -> ModelVersion:
     """Copy the staged files into a new model version; its manifest is written last."""
     store = Store(store_url)
-    files = version_files(_staged(store, run_id, [*MODEL_FILES, SEARCH_FILE, CALIBRATION_FILE]), run_id, summary)
+    names = [*MODEL_FILES, SEARCH_FILE, CALIBRATION_FILE]
+    if store.exists(*layout.staged(run_id, layout.LOSSES_FILE)):  # the loss curve, for the evaluation report
+        names.append(layout.LOSSES_FILE)
+    files = version_files(_staged(store, run_id, names), run_id, summary)
     version = store.publish_model(files, json.loads(files["model.json"])["config_hash"])
     run_logger().info("published model version %s", version.version)
     return version

@@ -6,10 +6,8 @@ resumes from there after a crash; the untuned model is staged under ``runs/<run_
 
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass
 
-import torch
 from prefect import task
 from prefect.cache_policies import NONE
 
@@ -18,6 +16,7 @@ from lafite_core.method.views import view_dim
 from lafite_core.store import layout
 from lafite_core.config import PipelineConfig
 from lafite_core.store.feature_store import FeatureStore, read_training_features
+from lafite_core.store.losses import losses_bytes
 from lafite_core.stages import TrainingPlan, train_model, training_key, training_summary
 from lafite_core.store.storage import Store
 from lafite_core.method.train import load_state, pick_device, planned_epochs
@@ -62,9 +61,7 @@ def train_body(store_url: str, config_json: str, plan: TrainingPlan, run_id: str
     )
     for name, data in trained.model.to_files().items():
         store.write_bytes(layout.staged(run_id, name), data)
-    buf = io.BytesIO()
-    torch.save(torch.tensor(trained.losses, dtype=torch.float64), buf)
-    store.write_bytes(layout.staged(run_id, "losses.pt"), buf.getvalue())
+    store.write_bytes(layout.staged(run_id, layout.LOSSES_FILE), losses_bytes(trained.losses))
     return TrainRef(run_id, key, trained.epochs, trained.final_loss, int(trained.model.bank.shape[0]),
                     trained.device, trained.resumed_from_epoch, len(features.entries),
                     training_summary(trained, unreadable, plan.skipped))

@@ -9,14 +9,18 @@ Each function returns path components under the store root (``Store`` joins and 
     runs/<run_id>/staged/<file>                       a training run's parts before publication
     models/<version>/<file>                           unet.pt, stats.npz, bank.npy, model.json,
                                                       search.parquet, calibration.json, config.json,
-                                                      model_card.json, MANIFEST.json (written last:
-                                                      the version exists only once it does)
+                                                      model_card.json, losses.pt, MANIFEST.json
+                                                      (written last: the version exists only once
+                                                      it does)
+    runs/<run_id>/evidence/<dataset>/<category>.npz   an evaluation's per-image scores, pixel curves
+                                                      and gallery picks, for its report
     tables/metrics/<run_id>.parquet                   per-category metrics of a run
     tables/summary/<run_id>.parquet                   means and inter-category std of a run
     tables/scores/<version>/<run_id>.parquet          batch-scoring results of a run
     tables/scores/<version>/parts/<run_id>/...        per-shard results and heartbeat while it runs
     tables/scores/<version>/merge.lock                held while a run merges its parts
     heatmaps/<version>/<run_id>/<relative path>.png   optional heat-map overlays
+    reports/<run_id>/index.html, images/<name>.png    a run's report (evaluation or batch scoring)
 
 The README's store table shows the same layout.
 """
@@ -30,6 +34,8 @@ Parts = list[str]
 
 MANIFEST = "MANIFEST.json"
 CHECKPOINT_FILE = "train_state.pt"
+LOSSES_FILE = "losses.pt"  # per-epoch training losses, float64 [E], staged by training, published with the model
+REPORT_PAGE = "index.html"
 
 
 def features(feature_key: str, dataset: str, category: str) -> Parts:
@@ -56,17 +62,30 @@ def model_file(version: str, name: str) -> Parts:
     return ["models", version, name]
 
 
+def evidence(run_id: str, dataset: str, category: str) -> Parts:
+    """What an evaluation keeps of one category for its report (scores, curves, gallery picks)."""
+    return ["runs", run_id, "evidence", dataset, f"{category}.npz"]
+
+
+def metrics_tables() -> Parts:
+    return ["tables", "metrics"]
+
+
 def metrics_table(run_id: str) -> Parts:
-    return ["tables", "metrics", f"{run_id}.parquet"]
+    return [*metrics_tables(), f"{run_id}.parquet"]
 
 
 def summary_table(run_id: str) -> Parts:
     return ["tables", "summary", f"{run_id}.parquet"]
 
 
+def scores_root() -> Parts:
+    return ["tables", "scores"]
+
+
 def scores(version: str, *rest: str) -> Parts:
     """``tables/scores/<version>/...``: merged run tables, ``parts/<run_id>/...`` and the merge lock."""
-    return ["tables", "scores", version, *rest]
+    return [*scores_root(), version, *rest]
 
 
 def heatmaps(version: str, run_id: str) -> Parts:
@@ -77,3 +96,8 @@ def heatmaps(version: str, run_id: str) -> Parts:
 def heatmap(version: str, run_id: str, relative: Sequence[str]) -> Parts:
     """The overlay of the image at ``relative`` (path components below the scored source)."""
     return [*heatmaps(version, run_id), *relative[:-1], posixpath.splitext(relative[-1])[0] + ".png"]
+
+
+def report(run_id: str, *rest: str) -> Parts:
+    """``reports/<run_id>/...``: a run's report page and its images."""
+    return ["reports", run_id, *rest]
