@@ -345,12 +345,30 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from flows import console
+
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for noisy in ("httpx", "httpcore"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    return int(args.fn(args) or 0)
+    debug_log = console.configure(args.fn.__name__.removeprefix("cmd_"), args.verbose)
+    console.install_signal_handlers()
+    try:
+        return int(args.fn(args) or 0)
+    except KeyboardInterrupt as stop:
+        signum = console.signal_of(stop)
+        log.warning("interrupted (%s): stopping; finished work (features, checkpoints, scored shards, published "
+                    "versions) is kept, run the same command again to resume", signal_name(signum))
+        return 128 + signum
+    finally:
+        left = console.stop_children()
+        if left:
+            log.warning("killed processes that did not stop: %s", ", ".join(left))
+        if debug_log:
+            log.debug("debug log: %s", debug_log)
+
+
+def signal_name(signum: int) -> str:
+    import signal
+
+    return signal.Signals(signum).name
 
 
 if __name__ == "__main__":

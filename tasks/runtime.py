@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import queue
+import signal
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -20,6 +21,9 @@ _DEFAULTS = {
     "RAY_USAGE_STATS_ENABLED": "0",
     # Ray starts workers at nice 15 by default; training and scoring are the job, not background work
     "RAY_worker_niceness": "0",
+    # Ray's C++ crash handler takes over SIGTERM in the driver and aborts it (exit -6) before Python can
+    # stop the run cleanly (flows.console); the driver's own handler shuts Ray down instead
+    "RAY_DISABLE_FAILURE_SIGNAL_HANDLER": "1",
     "DO_NOT_TRACK": "1",
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
     # glibc malloc settings that made CPU inference 1.6x faster on the build machines
@@ -37,12 +41,42 @@ def apply_environment() -> None:
 apply_environment()
 
 
+class Interrupted(KeyboardInterrupt):
+    """A stop signal (SIGINT or SIGTERM), raised in the main thread."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+received: list[int] = []
+_second: list[Callable] = []
+
+
+def on_second_signal(handler: Callable) -> None:
+    """What a second stop signal does while the first one unwinds (e.g. exit at once)."""
+    _second[:] = [handler]
+
+
+def raise_interrupted(signum: int, frame) -> None:
+    """Signal handler: raise :class:`Interrupted` (a KeyboardInterrupt: the one exception ``ray.get``
+    answers while it waits; Prefect's own SIGTERM exception is swallowed there)."""
+    received.append(signum)
+    if _second:
+        for s in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(s, _second[0])
+    raise Interrupted(signum)
+
+
 def ray_init(address: str | None = None, num_cpus: int | None = None) -> None:
     """Connect to ``address`` (or LAFITE_RAY_ADDRESS), else start a local Ray on loopback."""
     import ray
 
     if ray.is_initialized():
         return
+    # Ray's notice on every start that token authentication is on (it stays on; the local head binds to
+    # loopback): start-up chatter on a user's console, not a warning about the run
+    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
     address = address or os.environ.get("LAFITE_RAY_ADDRESS")
     forwarded = [k for k in _DEFAULTS if not k.startswith(("MALLOC", "RAY_worker"))]
     forwarded += ["LAFITE_S3_ENDPOINT", "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION", "LAFITE_STORE"]
@@ -61,7 +95,12 @@ def ray_init(address: str | None = None, num_cpus: int | None = None) -> None:
                      logging_level=logging.WARNING, _node_ip_address="127.0.0.1")
 
         if threading.current_thread() is threading.main_thread():
+            managed = callable(signal.getsignal(signal.SIGTERM))
             start()
+            if managed:
+                # Ray replaced SIGTERM with sys.exit(1), which leaves its head for the atexit hooks and the
+                # run without a clean stop; SIGTERM now interrupts like Ctrl-C, also inside ray.get
+                signal.signal(signal.SIGTERM, raise_interrupted)
         else:
             _in_head_thread(start)
         log.info("started local Ray with %d CPUs on 127.0.0.1", cpus)

@@ -1,0 +1,123 @@
+"""What a CLI run shows and how it stops.
+
+Console: the project's own loggers (``lafite``, ``flows``, ``tasks``, ``lafite_core``) and Prefect's
+run loggers at INFO, every other library at WARNING, so loader chatter (faiss's fallback from its
+AVX2 build, Ray's and Prefect's start-up lines) stays off the screen; real warnings (no GPU, random
+weights, skipped images) stay visible. Everything, DEBUG included, also goes to a debug log file
+(``LAFITE_LOG_DIR``, default ``~/.cache/lafite/logs``).
+
+Stopping: Ctrl-C (SIGINT) and SIGTERM raise :class:`tasks.runtime.Interrupted` in the main thread
+(also while it waits on Ray, see :func:`tasks.runtime.ray_init`), the run unwinds
+(what is finished was committed as it went: features, checkpoints, scored shards), and every process
+the run started (Ray's head and workers, Prefect's temporary server) is stopped before the exit
+status 128 + signal. A second signal while stopping exits at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import logging.handlers
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+from tasks import runtime
+
+log = logging.getLogger("lafite")
+
+OWN_LOGGERS = ("lafite", "flows", "tasks", "lafite_core", "bench", "prefect.flow_runs", "prefect.task_runs")
+# third-party loggers whose INFO lines are start-up chatter, not the run's progress
+QUIET = {"faiss": logging.WARNING, "faiss.loader": logging.WARNING, "httpx": logging.WARNING,
+         "httpcore": logging.WARNING, "ray": logging.WARNING, "urllib3": logging.WARNING, "botocore": logging.WARNING,
+         "s3fs": logging.WARNING, "aiobotocore": logging.WARNING, "numba": logging.WARNING,
+         "matplotlib": logging.WARNING, "PIL": logging.WARNING, "uvicorn": logging.WARNING,
+         "prefect.server": logging.WARNING, "prefect._internal": logging.WARNING}
+
+
+class _ConsoleFilter(logging.Filter):
+    """INFO and above from the project's loggers, WARNING and above from everyone else."""
+
+    def __init__(self, verbose: bool) -> None:
+        super().__init__()
+        self.verbose = verbose
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if self.verbose:
+            return True
+        own = any(record.name == n or record.name.startswith(n + ".") for n in OWN_LOGGERS)
+        return record.levelno >= (logging.INFO if own else logging.WARNING)
+
+
+def log_file(command: str) -> Path:
+    folder = Path(os.environ.get("LAFITE_LOG_DIR") or Path.home() / ".cache" / "lafite" / "logs")
+    return folder / f"lafite-{command}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+
+
+def configure(command: str, verbose: bool = False) -> Path | None:
+    """Console at INFO for the project (DEBUG for everything with ``verbose``), a DEBUG log file beside."""
+    root = logging.getLogger()
+    root.setLevel(logging.DEBUG)
+    console = logging.StreamHandler(sys.stderr)
+    console.setLevel(logging.DEBUG if verbose else logging.INFO)
+    console.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+    console.addFilter(_ConsoleFilter(verbose))
+    root.addHandler(console)
+    for name, level in QUIET.items():  # records below this never reach the file either: they are loud
+        logging.getLogger(name).setLevel(logging.DEBUG if verbose else min(level, logging.INFO))
+    path = log_file(command)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        file = logging.FileHandler(path, encoding="utf-8")
+    except OSError as exc:
+        log.warning("no debug log file (%s): %s", path, exc)
+        return None
+    file.setLevel(logging.DEBUG)
+    file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(process)d %(name)s: %(message)s"))
+    root.addHandler(file)
+    return path
+
+
+def _exit_now(signum: int, frame) -> None:
+    stop_children(grace_s=0.5)
+    os._exit(128 + signum)
+
+
+def install_signal_handlers() -> None:
+    """SIGINT and SIGTERM raise :class:`tasks.runtime.Interrupted`; a second one exits at once."""
+    runtime.on_second_signal(_exit_now)
+    for s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, runtime.raise_interrupted)
+
+
+def signal_of(exc: KeyboardInterrupt) -> int:
+    """The signal behind an interruption (libraries may re-raise it as a plain KeyboardInterrupt)."""
+    return getattr(exc, "signum", None) or (runtime.received[0] if runtime.received else int(signal.SIGINT))
+
+
+def stop_children(grace_s: float = 5.0) -> list[str]:
+    """Shut down a Ray this process started, then stop every process it still has below it."""
+    import psutil
+
+    if "ray" in sys.modules:
+        import ray
+
+        try:
+            if ray.is_initialized():
+                ray.shutdown()
+        except Exception as exc:  # stopping anyway: the sweep below ends what is left
+            log.debug("ray.shutdown failed: %s", exc)
+    children = psutil.Process().children(recursive=True)
+    for c in children:
+        try:
+            c.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(children, timeout=grace_s)
+    for c in alive:
+        try:
+            c.kill()
+        except psutil.NoSuchProcess:
+            pass
+    return [f"{c.pid}" for c in alive]
