@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 from prefect import flow
 
 import tasks.runtime  # noqa: F401
 from flows.params import ScoreParams, new_run_id
 from lafite_core.datapath.data import list_images
-from lafite_core.report.batch import BatchCounts
+from lafite_core.report.counts import BatchCounts, CategoryCounts, add_counts
+from lafite_core.store import layout
 from lafite_core.store.storage import Store, storage_options_from_env
+from tasks.artifacts import batch_artifacts, publish
 from tasks.progress import run_logger
 from tasks.report import batch_report_task
 from tasks.scoring import merge_scores_task, score_shards_task
@@ -26,6 +29,7 @@ class ScoreOutcome:
     skipped: int
     errors: int
     report_url: str  # reports/<run_id>/index.html
+    categories: tuple[CategoryCounts, ...]  # the counts per category
 
 
 @flow(name="batch_score", log_prints=True)
@@ -45,4 +49,9 @@ def batch_score_flow(params: ScoreParams) -> ScoreOutcome:
     report = batch_report_task(params.store, run_id, counts)
     log.info("scored %d, skipped %d already scored, %d errors; table: %s", counts.scored, counts.skipped,
              counts.errors, table or "(nothing new)")
-    return ScoreOutcome(run_id, version, table, counts.listed, counts.scored, counts.skipped, counts.errors, report)
+    categories = tuple(add_counts(r.categories for r in reports))
+    publish(partial(batch_artifacts, run_id, counts, categories,
+                    [("report", report), ("score table", table),
+                     (f"model version {version}", store.url(*layout.model_dir(version)))]))
+    return ScoreOutcome(run_id, version, table, counts.listed, counts.scored, counts.skipped, counts.errors, report,
+                        categories)

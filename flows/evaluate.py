@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 from prefect import flow
 
 import tasks.runtime  # noqa: F401
 from flows.params import EvaluateParams, new_run_id
 from lafite_core.store import layout
-from lafite_core.stages import CONFIG_FILE
+from lafite_core.stages import CARD_FILE, CONFIG_FILE
 from lafite_core.store.storage import Store
+from tasks.artifacts import Settings, evaluate_artifacts, publish
 from tasks.evaluation import evaluate_categories_task, stamp, write_metrics_task
 from tasks.features import discover_task
 from tasks.progress import run_logger
@@ -43,4 +45,14 @@ def evaluate_flow(params: EvaluateParams) -> EvaluateOutcome:
     config_json = store.read_bytes(*layout.model_file(version, CONFIG_FILE)).decode()
     urls = write_metrics_task(params.store, run_id, version, rows, config_json)
     report = evaluation_report_task(params.store, run_id)
-    return EvaluateOutcome(run_id, version, urls["metrics"], urls["summary"], rows, report)
+    outcome = EvaluateOutcome(run_id, version, urls["metrics"], urls["summary"], rows, report)
+    publish(partial(evaluate_artifacts, run_id, version, rows,
+                    Settings.from_card(store.read_json(*layout.model_file(version, CARD_FILE))),
+                    evaluation_links(outcome, store.url(*layout.model_dir(version)))))
+    return outcome
+
+
+def evaluation_links(outcome: EvaluateOutcome, model_url: str) -> list[tuple[str, str]]:
+    """Where an evaluation's outputs are, for its artifacts (and those of the training run that ran it)."""
+    return [("report", outcome.report_url), ("metrics table", outcome.metrics_url),
+            ("summary table", outcome.summary_url), (f"model version {outcome.model_version}", model_url)]

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 from prefect import flow
 
 import tasks.runtime  # noqa: F401
-from flows.evaluate import EvaluateOutcome, evaluate_flow
+from flows.evaluate import EvaluateOutcome, evaluate_flow, evaluation_links
 from flows.params import EvaluateParams, TrainParams, new_run_id
 from lafite_core.config import config_hash
 from lafite_core.stages import plan_training
+from lafite_core.store import layout
+from lafite_core.store.storage import Store
+from tasks.artifacts import Settings, publish, train_artifacts
 from tasks.features import discover_task, extract_features_task
 from tasks.model import publish_task, select_task
 from tasks.progress import run_logger
@@ -24,6 +28,7 @@ class TrainOutcome:
     store: str
     tau: int
     k: int
+    ddim_steps: int
     threshold: float
     evaluation: EvaluateOutcome | None
 
@@ -49,5 +54,11 @@ def train_flow(params: TrainParams) -> TrainOutcome:
             model_version=version.version,
             store=params.store, ray_address=params.ray_address, run_id=f"{run_id}-eval", seed=params.seed,
         ))
-    return TrainOutcome(run_id, version.version, params.store, selection.tau, selection.k, selection.threshold,
-                        evaluation)
+    model_url = Store(params.store).url(*layout.model_dir(version.version))
+    links = (evaluation_links(evaluation, model_url) if evaluation
+             else [(f"model version {version.version}", model_url)])  # a report comes with an evaluation
+    publish(partial(train_artifacts, run_id, version.version,
+                    Settings(selection.tau, selection.k, selection.ddim_steps, selection.threshold), trained.summary,
+                    selection.search, evaluation.rows if evaluation else None, links))
+    return TrainOutcome(run_id, version.version, params.store, selection.tau, selection.k, selection.ddim_steps,
+                        selection.threshold, evaluation)

@@ -12,6 +12,7 @@ import tasks.runtime  # noqa: F401
 from lafite_core.store import layout
 from lafite_core.method.backbone import FeatureExtractor
 from lafite_core.method.model import MODEL_FILES, OPTIONAL_MODEL_FILES, LafiteModel
+from lafite_core.method.search import SearchResult
 from lafite_core.stages import CALIBRATION_FILE, SEARCH_FILE, TrainingPlan, select, selection_files, version_files
 from lafite_core.store.storage import ModelVersion, Store, storage_options_from_env
 from tasks.progress import LogProgress, run_logger
@@ -21,8 +22,10 @@ from tasks.progress import LogProgress, run_logger
 class SelectionRef:
     tau: int
     k: int
+    ddim_steps: int
     threshold: float
     searched: bool
+    search: SearchResult  # every pseudo-validation point (none when the search is disabled)
 
 
 def _staged(store: Store, run_id: str, names) -> dict[str, bytes]:
@@ -48,7 +51,8 @@ def select_task(store_url: str, run_id: str, plan: TrainingPlan, data_root: str)
              selection.model.k, selection.model.config.scoring.ddim_steps, cut.threshold, cut.balanced_accuracy)
     for name, data in selection_files(selection).items():
         store.write_bytes(layout.staged(run_id, name), data)
-    return SelectionRef(selection.model.tau, selection.model.k, cut.threshold, selection.searched)
+    return SelectionRef(selection.model.tau, selection.model.k, selection.model.config.scoring.ddim_steps,
+                        cut.threshold, selection.searched, selection.search)
 
 
 @task(name="publish-model", cache_policy=NONE, retries=2, retry_delay_seconds=5)

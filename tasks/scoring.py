@@ -22,6 +22,7 @@ from lafite_core.datapath.data import outside_root, read_bytes
 from lafite_core.datapath.images import decode_image
 from lafite_core.store.ledger import ScoreLedger
 from lafite_core.method.model import Scorer
+from lafite_core.report.counts import CategoryCounts, count_by_category
 from lafite_core.stages import judge_images, load_published
 from lafite_core.store.storage import Store, content_hash, safe_part, storage_options_from_env
 from tasks.progress import LogProgress, run_logger
@@ -34,6 +35,7 @@ class ShardReport:
     skipped: int
     errors: int
     part: str | None
+    categories: tuple[CategoryCounts, ...]  # the same counts per category, for the run's artifacts
 
 
 def relative_parts(url: str, source_root: str) -> list[str]:
@@ -73,7 +75,7 @@ def score_shard_body(store_url: str, version: str, run_id: str, shard: int, urls
     opts = storage_options_from_env(source_root)
     now = datetime.now(timezone.utc)
     rows: list[dict] = []
-    skipped = 0
+    skipped: list[str | None] = []  # the category of each image skipped as already scored
     batch: list[tuple[str, str, np.ndarray, list[str]]] = []
 
     def base(url: str, digest: str | None, parts: list[str] | None) -> dict:
@@ -106,7 +108,7 @@ def score_shard_body(store_url: str, version: str, run_id: str, shard: int, urls
             data = read_bytes(url, opts)
             digest = content_hash(data)
             if (url, digest) in done:
-                skipped += 1
+                skipped.append(infer_category(parts, model.categories))
                 continue
             image, _ = decode_image(data, cfg.data.image_size, url, cfg.data.max_image_pixels)
         except (OSError, ValueError) as exc:
@@ -119,8 +121,8 @@ def score_shard_body(store_url: str, version: str, run_id: str, shard: int, urls
             flush()
     flush()
     part = ScoreLedger(store, version).write_part(run_id, shard, rows)
-    return ShardReport(shard, sum(r["error"] is None for r in rows), skipped, sum(r["error"] is not None for r in rows),
-                       part)
+    return ShardReport(shard, sum(r["error"] is None for r in rows), len(skipped),
+                       sum(r["error"] is not None for r in rows), part, tuple(count_by_category(rows, skipped)))
 
 
 @task(name="score-shards", cache_policy=NONE, retries=1, retry_delay_seconds=10)

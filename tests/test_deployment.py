@@ -1,5 +1,5 @@
 """A real deployment on loopback: prefect server, process work pools and workers, prefect deploy,
-prefect deployment run, and the runs complete with their Parquet output."""
+prefect deployment run, and the runs complete with their Parquet output and their Prefect artifacts."""
 
 import json
 import os
@@ -66,7 +66,8 @@ def prefect_server(tmp_path):
         log.close()
 
 
-def _run_and_wait(env: dict, deployment: str, params: dict, timeout: float) -> dict:
+def _run_and_wait(env: dict, deployment: str, params: dict, timeout: float) -> tuple[str, dict]:
+    """Start a run of ``deployment``; its flow run id and final state."""
     out = subprocess.run([PREFECT, "deployment", "run", deployment, "--params", json.dumps({"params": params})],
                          env=env, capture_output=True, text=True, check=True)
     run_id = next(line.split("UUID:")[1].strip() for line in out.stdout.splitlines() if "UUID:" in line)
@@ -77,7 +78,15 @@ def _run_and_wait(env: dict, deployment: str, params: dict, timeout: float) -> d
         return state if state["type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED") else None
 
     state = _wait_for(finished, timeout, f"flow run {run_id} of {deployment}", interval=2)
-    return state
+    return run_id, state
+
+
+def _artifacts(api: str, **any_of: list[str]) -> dict[str, dict]:
+    """The artifacts whose fields (flow_run_id, key, ...) are among the values given, by key."""
+    body = {"artifacts": {field: {"any_": values} for field, values in any_of.items()}}
+    response = httpx.post(f"{api}/artifacts/filter", json=body, timeout=10)
+    response.raise_for_status()
+    return {a["key"]: a for a in response.json()}
 
 
 def test_deploy_and_run_on_loopback(prefect_server, tmp_path, small_demo, tiny_overrides):
@@ -97,7 +106,7 @@ def test_deploy_and_run_on_loopback(prefect_server, tmp_path, small_demo, tiny_o
         procs.append(subprocess.Popen([str(PROJECT / "deployments" / "local.sh"), "worker", pool], env=env,
                                       stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
 
-    state = _run_and_wait(env, "train/nightly", {"data_root": str(small_demo.root), "store": str(store),
+    run_id, state = _run_and_wait(env, "train/nightly", {"data_root": str(small_demo.root), "store": str(store),
                                                  "overrides": tiny_overrides}, timeout=600)
     logs = "".join(p.read_text() for p in tmp_path.glob("worker-*.log"))
     assert state["type"] == "COMPLETED", (state, logs[-4000:])
@@ -105,4 +114,22 @@ def test_deploy_and_run_on_loopback(prefect_server, tmp_path, small_demo, tiny_o
     assert len(versions) == 1
     metrics = list((store / "tables" / "metrics").glob("*.parquet"))
     assert len(metrics) == 1 and pq.read_table(metrics[0]).num_rows == 9
+
+    # the run's page answers "how did it go": the metrics table and a summary naming the version and report
+    reports = list((store / "reports").glob("*/index.html"))
+    assert len(reports) == 1
+    made = _artifacts(env["PREFECT_API_URL"], flow_run_id=[run_id])
+    assert set(made) == {"lafite-train-metrics", "lafite-train-summary"}, made
+    table = made["lafite-train-metrics"]
+    assert table["type"] == "table"
+    rows = json.loads(table["data"])
+    assert len(rows) == 9 and {"category", "method", "image_auroc", "pixel_auroc", "aupro"} <= set(rows[0])
+    summary = made["lafite-train-summary"]
+    assert summary["type"] == "markdown"
+    assert f"`{versions[0]}`" in summary["data"] and str(reports[0]) in summary["data"], summary["data"]
+    # the evaluation it ran (a subflow run) has its own
+    evaluation = _artifacts(env["PREFECT_API_URL"], key=["lafite-evaluate-metrics", "lafite-evaluate-summary"])
+    assert set(evaluation) == {"lafite-evaluate-metrics", "lafite-evaluate-summary"}
+    assert all(a["flow_run_id"] not in (None, run_id) for a in evaluation.values())
+    assert str(reports[0]) in evaluation["lafite-evaluate-summary"]["data"]
 

@@ -20,6 +20,7 @@ from PIL import Image
 from lafite_core.datapath.data import Category, LoadedSample, Sample
 from lafite_core.method.calibration import Calibration, Cut
 from lafite_core.report import batch, evaluation
+from lafite_core.report.counts import COUNT_FIELDS, NO_CATEGORY, CategoryCounts, add_counts, count_by_category
 from lafite_core.report.evidence import CategoryEvidence, collect, pick_gallery
 from lafite_core.report.target import ReportTarget, find_target
 from lafite_core.stages import CategoryScores
@@ -245,6 +246,23 @@ def test_batch_report_shows_counts_histograms_top_images_and_errors(tmp_path):
         find_target(store, "no-such-run")
 
 
+def test_batch_counts_per_category_add_up_across_shards():
+    def row(category, decision, error=None):
+        return {"category": category, "decision": decision, "error": error}
+
+    shard1 = count_by_category([row("d/a", "anomalous"), row("d/a", "normal"), row(None, None, "ValueError: x"),
+                                row("d/b", None)], skipped=["d/a", None])
+    assert shard1 == [CategoryCounts(NO_CATEGORY, skipped=1, errors=1),
+                      CategoryCounts("d/a", scored=2, anomalous=1, normal=1, skipped=1),
+                      CategoryCounts("d/b", scored=1)]  # uncalibrated: scored, neither anomalous nor normal
+    shard2 = count_by_category([row("d/b", "anomalous")], skipped=["d/c"])
+    total = add_counts([shard1, shard2])
+    assert [c.category for c in total] == [NO_CATEGORY, "d/a", "d/b", "d/c"]
+    assert total[2] == CategoryCounts("d/b", scored=2, anomalous=1)
+    for name in COUNT_FIELDS:
+        assert sum(getattr(c, name) for c in total) == sum(getattr(c, name) for c in [*shard1, *shard2])
+
+
 # On a trained store: the flows write the reports, `lafite report` rewrites them, Chromium renders them
 
 
@@ -271,6 +289,19 @@ def evaluated(tmp_path_factory, trained_store, small_demo, prefect_harness):
     return store, ev, sc
 
 
+def _run_artifacts(run_id: str, summary_key: str) -> dict:
+    """Artifacts, by key, of the flow run whose summary (under ``summary_key``) names run ``run_id``."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
+
+    with get_client(sync_client=True) as client:
+        summaries = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[summary_key])))
+        flow_run = next(a.flow_run_id for a in summaries if f"`{run_id}`" in a.data)
+        made = client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run])))
+    return {a.key: a for a in made}
+
+
 def test_flows_write_reports_and_lafite_report_rewrites_them(evaluated, capsys):
     from flows.cli import main
 
@@ -295,6 +326,21 @@ def test_flows_write_reports_and_lafite_report_rewrites_them(evaluated, capsys):
     assert len([i for i in parsed.images if "_g" in i["data-file"]]) == 3 * sum(len(e.gallery) for e in kept)
     batch_text = " ".join(_parse(Path(sc.report_url).read_bytes()).text)
     assert "broken.png" in batch_text and f"images listed {sc.listed}" in batch_text
+    for name in ("scored", "skipped", "errors"):
+        assert sum(getattr(c, name) for c in sc.categories) == getattr(sc, name)
+    assert CategoryCounts(NO_CATEGORY, errors=1) in sc.categories  # broken.png
+
+    # each flow run's Prefect artifacts: a table and a summary that names the version and links the report
+    for run_id, table_key, summary_key, rows in (("eval-report", "lafite-evaluate-metrics", "lafite-evaluate-summary",
+                                                  len(ev.rows)),
+                                                 ("score-report", "lafite-batch-score-counts",
+                                                  "lafite-batch-score-summary", len(sc.categories))):
+        made = _run_artifacts(run_id, summary_key)
+        assert set(made) == {table_key, summary_key}
+        assert len(json.loads(made[table_key].data)) == rows
+        summary = made[summary_key].data
+        report = s.url(*layout.report(run_id, layout.REPORT_PAGE))
+        assert f"`{ev.model_version}`" in summary and f"[`{report}`]" in summary
 
     Path(ev.report_url).unlink()
     assert main(["report", ev.model_version, "--store", store]) == 0  # a version: its latest evaluation

@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from lafite_core.report.counts import NO_CATEGORY, BatchCounts, count_by_category
 from lafite_core.report.figures import display_size, histogram_figure, read_display_image, resized_png
 from lafite_core.report.page import Page, esc, write_files
 from lafite_core.store import layout
@@ -24,19 +25,6 @@ TOP_N = 8  # most anomalous images shown per category
 MAX_ERRORS = 500  # error rows listed; the rest are counted
 PANEL_HEIGHT = 180
 PANEL_MAX_WIDTH = 400
-NO_CATEGORY = "(no category folder)"
-
-
-@dataclass(frozen=True)
-class BatchCounts:
-    """What one batch-scoring run did: images listed under the source, scored, skipped as already
-    scored with this model version, and failed."""
-
-    model_version: str
-    listed: int
-    scored: int
-    skipped: int
-    errors: int
 
 
 @dataclass(frozen=True)
@@ -91,16 +79,10 @@ def _counts(page: Page, inp: BatchInputs) -> None:
     if not inp.rows:
         page.missing("this run scored nothing new: no score table was written")
         return
-    by: dict[str, list[dict]] = {}
-    for r in inp.rows:
-        by.setdefault(r["category"] or NO_CATEGORY, []).append(r)
-    table = []
-    for cat, rs in sorted(by.items()):
-        good = [r for r in rs if r["error"] is None]
-        table.append((cat, len(good), sum(r["decision"] == "anomalous" for r in good),
-                      sum(r["decision"] == "normal" for r in good), len(rs) - len(good),
-                      f"{max(map(score_of, good)):.3g}" if good else "-"))
-    page.table(["category", "scored", "anomalous", "normal", "errors", "highest score"], table)
+    highest = {cat: score_of(rs[0]) for cat, rs in most_anomalous(inp.rows, 1).items()}
+    page.table(["category", "scored", "anomalous", "normal", "errors", "highest score"],
+               [(c.category, c.scored, c.anomalous, c.normal, c.errors,
+                 f"{highest[c.category]:.3g}" if c.category in highest else "-") for c in count_by_category(inp.rows)])
 
 
 def _histograms(page: Page, rows: list[dict]) -> None:

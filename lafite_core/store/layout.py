@@ -58,8 +58,12 @@ def models() -> Parts:
     return ["models"]
 
 
+def model_dir(version: str) -> Parts:
+    return [*models(), version]
+
+
 def model_file(version: str, name: str) -> Parts:
-    return ["models", version, name]
+    return [*model_dir(version), name]
 
 
 def evidence(run_id: str, dataset: str, category: str) -> Parts:
