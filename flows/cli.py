@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import sys
 import time
 from pathlib import Path
@@ -348,8 +349,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     from flows import console
 
     args = build_parser().parse_args(argv)
-    debug_log = console.configure(args.fn.__name__.removeprefix("cmd_"), args.verbose)
-    console.install_signal_handlers()
+    before = console.children()
+    debug_log, handlers = console.configure(args.fn.__name__.removeprefix("cmd_"), args.verbose)
+    replaced = console.install_signal_handlers()
     try:
         return int(args.fn(args) or 0)
     except KeyboardInterrupt as stop:
@@ -358,16 +360,19 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "versions) is kept, run the same command again to resume", signal_name(signum))
         return 128 + signum
     finally:
-        left = console.stop_children()
+        left = console.stop_children(keep=before)
         if left:
             log.warning("killed processes that did not stop: %s", ", ".join(left))
         if debug_log:
             log.debug("debug log: %s", debug_log)
+        for s, h in replaced.items():
+            signal.signal(s, h)
+        for h in handlers:
+            logging.getLogger().removeHandler(h)
+            h.close()
 
 
 def signal_name(signum: int) -> str:
-    import signal
-
     return signal.Signals(signum).name
 
 

@@ -55,8 +55,9 @@ def log_file(command: str) -> Path:
     return folder / f"lafite-{command}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
 
 
-def configure(command: str, verbose: bool = False) -> Path | None:
-    """Console at INFO for the project (DEBUG for everything with ``verbose``), a DEBUG log file beside."""
+def configure(command: str, verbose: bool = False) -> tuple[Path | None, list[logging.Handler]]:
+    """Console at INFO for the project (DEBUG for everything with ``verbose``), a DEBUG log file beside;
+    returns the file and the handlers added (to remove when ``main`` runs in-process)."""
     root = logging.getLogger()
     root.setLevel(logging.DEBUG)
     console = logging.StreamHandler(sys.stderr)
@@ -72,11 +73,11 @@ def configure(command: str, verbose: bool = False) -> Path | None:
         file = logging.FileHandler(path, encoding="utf-8")
     except OSError as exc:
         log.warning("no debug log file (%s): %s", path, exc)
-        return None
+        return None, [console]
     file.setLevel(logging.DEBUG)
     file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(process)d %(name)s: %(message)s"))
     root.addHandler(file)
-    return path
+    return path, [console, file]
 
 
 def _exit_now(signum: int, frame) -> None:
@@ -84,11 +85,11 @@ def _exit_now(signum: int, frame) -> None:
     os._exit(128 + signum)
 
 
-def install_signal_handlers() -> None:
-    """SIGINT and SIGTERM raise :class:`tasks.runtime.Interrupted`; a second one exits at once."""
+def install_signal_handlers() -> dict[int, object]:
+    """SIGINT and SIGTERM raise :class:`tasks.runtime.Interrupted`; a second one exits at once.
+    Returns the handlers replaced (``main`` puts them back when it runs in-process)."""
     runtime.on_second_signal(_exit_now)
-    for s in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(s, runtime.raise_interrupted)
+    return {s: signal.signal(s, runtime.raise_interrupted) for s in (signal.SIGINT, signal.SIGTERM)}
 
 
 def signal_of(exc: KeyboardInterrupt) -> int:
@@ -96,8 +97,16 @@ def signal_of(exc: KeyboardInterrupt) -> int:
     return getattr(exc, "signum", None) or (runtime.received[0] if runtime.received else int(signal.SIGINT))
 
 
-def stop_children(grace_s: float = 5.0) -> list[str]:
-    """Shut down a Ray this process started, then stop every process it still has below it."""
+def children() -> set[int]:
+    """The pids of every process below this one."""
+    import psutil
+
+    return {c.pid for c in psutil.Process().children(recursive=True)}
+
+
+def stop_children(grace_s: float = 5.0, keep: set[int] = frozenset()) -> list[str]:
+    """Shut down a Ray this process started, then stop every process it still has below it, except
+    ``keep`` (what was there before the command: a test's Prefect server, when ``main`` runs in-process)."""
     import psutil
 
     if "ray" in sys.modules:
@@ -108,7 +117,7 @@ def stop_children(grace_s: float = 5.0) -> list[str]:
                 ray.shutdown()
         except Exception as exc:  # stopping anyway: the sweep below ends what is left
             log.debug("ray.shutdown failed: %s", exc)
-    children = psutil.Process().children(recursive=True)
+    children = [c for c in psutil.Process().children(recursive=True) if c.pid not in keep]
     for c in children:
         try:
             c.terminate()
