@@ -350,6 +350,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     before = console.children()
+    console.sweep_at_exit(before)
     debug_log, handlers = console.configure(args.fn.__name__.removeprefix("cmd_"), args.verbose)
     replaced = console.install_signal_handlers()
     try:
@@ -360,9 +361,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "versions) is kept, run the same command again to resume", signal_name(signum))
         return 128 + signum
     finally:
-        left = console.stop_children(keep=before)
-        if left:
-            log.warning("killed processes that did not stop: %s", ", ".join(left))
+        console.stop_ray()  # Prefect's temporary server stops with the interpreter; the exit sweep ends the rest
         if debug_log:
             log.debug("debug log: %s", debug_log)
         for s, h in replaced.items():

@@ -104,19 +104,32 @@ def children() -> set[int]:
     return {c.pid for c in psutil.Process().children(recursive=True)}
 
 
-def stop_children(grace_s: float = 5.0, keep: set[int] = frozenset()) -> list[str]:
-    """Shut down a Ray this process started, then stop every process it still has below it, except
-    ``keep`` (what was there before the command: a test's Prefect server, when ``main`` runs in-process)."""
-    import psutil
-
+def stop_ray() -> None:
+    """Shut down a Ray this process started (its head and workers) or disconnect from a cluster."""
     if "ray" in sys.modules:
         import ray
 
         try:
             if ray.is_initialized():
                 ray.shutdown()
-        except Exception as exc:  # stopping anyway: the sweep below ends what is left
+        except Exception as exc:  # stopping anyway: stop_children ends what is left
             log.debug("ray.shutdown failed: %s", exc)
+
+
+def sweep_at_exit(keep: set[int]) -> None:
+    """At interpreter exit, after Prefect's and Ray's own exit hooks (registered later, so run earlier:
+    Prefect flushes its logs to its temporary server, then stops it), stop whatever is still running."""
+    import atexit
+
+    atexit.register(lambda: stop_children(grace_s=3.0, keep=keep))
+
+
+def stop_children(grace_s: float = 5.0, keep: set[int] = frozenset()) -> list[str]:
+    """Stop every process below this one, except ``keep`` (what was there before the command: a
+    test's Prefect server, when ``main`` runs in-process): SIGTERM, then SIGKILL after ``grace_s``."""
+    import psutil
+
+    stop_ray()
     children = [c for c in psutil.Process().children(recursive=True) if c.pid not in keep]
     for c in children:
         try:
