@@ -28,12 +28,10 @@ from tasks import runtime
 log = logging.getLogger("lafite")
 
 OWN_LOGGERS = ("lafite", "flows", "tasks", "lafite_core", "bench", "prefect.flow_runs", "prefect.task_runs")
-# third-party loggers whose INFO lines are start-up chatter, not the run's progress
-QUIET = {"faiss": logging.WARNING, "faiss.loader": logging.WARNING, "httpx": logging.WARNING,
-         "httpcore": logging.WARNING, "ray": logging.WARNING, "urllib3": logging.WARNING, "botocore": logging.WARNING,
-         "s3fs": logging.WARNING, "aiobotocore": logging.WARNING, "numba": logging.WARNING,
-         "matplotlib": logging.WARNING, "PIL": logging.WARNING, "uvicorn": logging.WARNING,
-         "prefect.server": logging.WARNING, "prefect._internal": logging.WARNING}
+# chatty third-party loggers: kept at INFO (their DEBUG floods the log file); the console filter
+# below shows them only from WARNING up
+CHATTY = ("faiss", "faiss.loader", "httpx", "httpcore", "ray", "urllib3", "botocore", "s3fs", "aiobotocore",
+          "numba", "matplotlib", "PIL", "uvicorn", "prefect.server", "prefect._internal")
 
 
 class _ConsoleFilter(logging.Filter):
@@ -65,8 +63,8 @@ def configure(command: str, verbose: bool = False) -> tuple[Path | None, list[lo
     console.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
     console.addFilter(_ConsoleFilter(verbose))
     root.addHandler(console)
-    for name, level in QUIET.items():  # records below this never reach the file either: they are loud
-        logging.getLogger(name).setLevel(logging.DEBUG if verbose else min(level, logging.INFO))
+    for name in CHATTY:
+        logging.getLogger(name).setLevel(logging.DEBUG if verbose else logging.INFO)
     path = log_file(command)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
