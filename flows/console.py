@@ -4,7 +4,10 @@ Console: the project's own loggers (``lafite``, ``flows``, ``tasks``, ``lafite_c
 run loggers at INFO, every other library at WARNING, so loader chatter (faiss's fallback from its
 AVX2 build, Ray's and Prefect's start-up lines) stays off the screen; real warnings (no GPU, random
 weights, skipped images) stay visible. Everything, DEBUG included, also goes to a debug log file
-(``LAFITE_LOG_DIR``, default ``~/.cache/lafite/logs``).
+(``LAFITE_LOG_DIR``, default ``~/.cache/lafite/logs``). On a terminal, long steps show progress bars
+below the log lines (:mod:`flows.progressbar`) instead of their periodic progress lines, which still go
+to the log file and to Prefect. ``LAFITE_NO_PROGRESS=1`` or ``-v`` turns the bars off, and so does
+output that is not a terminal (a pipe, CI, tests): the lines are printed then.
 
 Stopping: Ctrl-C (SIGINT) and SIGTERM raise :class:`tasks.runtime.Interrupted` in the main thread
 (also while it waits on Ray, see :func:`tasks.runtime.ray_init`), the run unwinds
@@ -23,7 +26,8 @@ import sys
 import time
 from pathlib import Path
 
-from tasks import runtime
+from flows import progressbar
+from tasks import progress, runtime
 
 log = logging.getLogger("lafite")
 
@@ -55,10 +59,14 @@ def log_file(command: str) -> Path:
 
 def configure(command: str, verbose: bool = False) -> tuple[Path | None, list[logging.Handler]]:
     """Console at INFO for the project (DEBUG for everything with ``verbose``), a DEBUG log file beside;
-    returns the file and the handlers added (to remove when ``main`` runs in-process)."""
+    returns the file and the handlers added (to remove and close when ``main`` runs in-process; closing
+    the console handler also stops its progress bars)."""
     root = logging.getLogger()
     root.setLevel(logging.DEBUG)
-    console = logging.StreamHandler(sys.stderr)
+    bars = None if verbose else progressbar.for_terminal(sys.stderr)
+    if bars is not None:
+        progress.set_sink(bars.update)
+    console: logging.Handler = bars if bars is not None else logging.StreamHandler(sys.stderr)
     console.setLevel(logging.DEBUG if verbose else logging.INFO)
     console.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
     console.addFilter(_ConsoleFilter(verbose))

@@ -1,9 +1,33 @@
-"""Progress lines for long steps (extraction, training, scoring), at most one per stage every few seconds."""
+"""Progress lines for long steps (extraction, training, scoring), at most one per stage every few seconds.
+
+Every call also goes, not rate-limited, to the process's progress sink when one is set (the CLI's
+terminal progress bar, :mod:`flows.progressbar`); none is set by default, nor in Ray workers.
+"""
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
+
+Sink = Callable[[str, int, int], None]
+# the attribute LogProgress sets on its periodic (not final) lines: a live progress bar shows them instead
+STEP = "lafite_progress_step"
+
+_sink: Sink | None = None
+
+
+def set_sink(sink: Sink | None) -> None:
+    """Send every ``progress(stage, done, total)`` call of :class:`LogProgress` also to ``sink``."""
+    global _sink
+    _sink = sink
+
+
+def clear_sink(sink: Sink) -> None:
+    """Stop sending to ``sink`` if it is the current one."""
+    global _sink
+    if _sink == sink:
+        _sink = None
 
 
 class LogProgress:
@@ -16,6 +40,9 @@ class LogProgress:
         self.last: dict[str, float] = {}
 
     def __call__(self, stage: str, done: int, total: int) -> None:
+        sink = _sink
+        if sink is not None:
+            sink(stage, done, total)
         now = time.monotonic()
         start = self.started.setdefault(stage, now)
         final = total > 0 and done >= total
@@ -23,12 +50,13 @@ class LogProgress:
             return
         self.last[stage] = now
         elapsed = now - start
+        mark = {STEP: not final}
         if total > 0:
             eta = elapsed / max(done, 1) * (total - done)
             self.log.info("%s: %d/%d (%.0f%%) %.0fs elapsed, ~%.0fs left", stage, done, total,
-                          100 * done / total, elapsed, eta)
+                          100 * done / total, elapsed, eta, extra=mark)
         else:
-            self.log.info("%s: %d done, %.0fs elapsed", stage, done, elapsed)
+            self.log.info("%s: %d done, %.0fs elapsed", stage, done, elapsed, extra=mark)
 
 
 def run_logger() -> logging.Logger | logging.LoggerAdapter:
