@@ -134,8 +134,9 @@ def score_shards_task(store_url: str, version: str, run_id: str, urls: list[str]
     log = run_logger()
     ledger = ScoreLedger(Store(store_url), version)
     ledger.heartbeat(run_id)
-    done = ledger.scored_keys()
-    log.info("%d images listed, %d (url, content) pairs already scored with %s", len(urls), len(done), version)
+    done = ledger.scored_keys(method)
+    log.info("%d images listed, %d (url, content) pairs already scored with %s (%s)", len(urls), len(done),
+             version, method)
     runtime.ray_init(ray_address)
     done_ref = ray.put(done)
     remote = ray.remote(num_cpus=1)(score_shard_body)

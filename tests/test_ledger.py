@@ -17,10 +17,11 @@ V = "v1"
 FAST = LockTiming(stale_s=60.0, wait_s=5.0, poll_s=0.01)
 
 
-def row(url: str, digest: str | None = "h", run_id: str = "r", error: str | None = None) -> dict:
+def row(url: str, digest: str | None = "h", run_id: str = "r", error: str | None = None,
+        method: str = "lafite") -> dict:
     ok = error is None
     return {"image_url": url, "content_hash": digest, "category": None, "raw_score": 1.0 if ok else None,
-            "normalized_score": None, "decision": "normal" if ok else None, "model_version": V, "method": "lafite",
+            "normalized_score": None, "decision": "normal" if ok else None, "model_version": V, "method": method,
             "run_id": run_id, "heatmap_url": None, "error": error, "scored_at": datetime.now(timezone.utc)}
 
 
@@ -52,6 +53,20 @@ def test_scored_keys_exclude_error_rows(ledger):
     ledger.write_part("s", 0, [row("d", "hd", "s")])  # an unmerged run counts too
     assert ledger.scored_keys() == {("a", "ha"), ("d", "hd")}
     assert len(read_score_tables(ledger.store, V)) == 4
+
+
+def test_each_method_has_its_own_rows(ledger):
+    """Scoring a dump with the PatchCore baseline after LafitE scores it again and keeps both rows."""
+    ledger.write_part("a", 0, [row("x", "hx", "a"), row("y", "hy", "a")])
+    ledger.merge("a", stale_after_s=3600)
+    assert ledger.scored_keys("patchcore") == set()
+    ledger.write_part("b", 0, [row("x", "hx", "b", method="patchcore"), row("x", "hx", "b")])
+    assert ledger.merge("b", stale_after_s=3600).duplicates == 1  # only LafitE's repeat of x
+    assert ledger.scored_keys("patchcore") == {("x", "hx")}
+    assert ledger.scored_keys("lafite") == {("x", "hx"), ("y", "hy")}
+    t = ledger.rows()
+    assert sorted(zip(t["method"].to_pylist(), t["image_url"].to_pylist())) == [
+        ("lafite", "x"), ("lafite", "y"), ("patchcore", "x")]
 
 
 def test_merge_drops_rows_merged_by_another_run(ledger, store):

@@ -130,9 +130,10 @@ class MergeLock:
         return f"run {holder.run_id} (since {since}, {time.time() - holder.time:.0f} s ago)"
 
 
-def _row_key(url: str, digest: str | None, error: str | None) -> tuple:
-    """A row is identified by (url, content hash) when scored, and by (url, hash, error) when not."""
-    return (url, digest) if error is None else (url, digest, error)
+def _row_key(url: str, digest: str | None, error: str | None, method: str | None) -> tuple:
+    """A row is identified by (method, url, content hash) when scored, and by (method, url, hash, error)
+    when not: the same image scored by LafitE and by the PatchCore baseline is two rows."""
+    return (method, url, digest) if error is None else (method, url, digest, error)
 
 
 class ScoreLedger:
@@ -164,11 +165,13 @@ class ScoreLedger:
             return SCORES_SCHEMA.empty_table()
         return pa.concat_tables(tables)
 
-    def scored_keys(self) -> set[tuple[str, str]]:
-        """(url, content hash) of every image scored without error; rows with an error do not count."""
+    def scored_keys(self, method: str = "lafite") -> set[tuple[str, str]]:
+        """(url, content hash) of every image scored by ``method`` without error; rows with an error do
+        not count."""
         t = self.rows()
-        return {(u, h) for u, h, e in zip(t["image_url"].to_pylist(), t["content_hash"].to_pylist(),
-                                          t["error"].to_pylist()) if e is None}
+        return {(u, h) for u, h, e, m in zip(t["image_url"].to_pylist(), t["content_hash"].to_pylist(),
+                                             t["error"].to_pylist(), t["method"].to_pylist())
+                if e is None and m == method}
 
     def write_part(self, run_id: str, shard: int, rows: Sequence[dict]) -> str | None:
         """Write a shard's rows (SCORES_SCHEMA columns) as one part of ``run_id``; its URL, None if no rows."""
@@ -220,11 +223,12 @@ class ScoreLedger:
                 seen: set[tuple] = set()
                 for name in sorted(merged):
                     t = self.store.read_table(*self._path(name))
-                    cols = (t["image_url"].to_pylist(), t["content_hash"].to_pylist(), t["error"].to_pylist())
-                    seen |= {_row_key(u, h, e) for u, h, e in zip(*cols)}
+                    cols = (t["image_url"].to_pylist(), t["content_hash"].to_pylist(), t["error"].to_pylist(),
+                            t["method"].to_pylist())
+                    seen |= {_row_key(u, h, e, m) for u, h, e, m in zip(*cols)}
                 rows, keep = pa.concat_tables(tables).sort_by([("image_url", "ascending")]).to_pylist(), []
                 for r in rows:
-                    key = _row_key(r["image_url"], r["content_hash"], r["error"])
+                    key = _row_key(r["image_url"], r["content_hash"], r["error"], r["method"])
                     if key in seen:
                         continue  # recorded by a concurrent run that merged first
                     seen.add(key)
