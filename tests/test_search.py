@@ -33,19 +33,21 @@ def test_steps_keep_the_fewest_within_the_tolerance_of_the_best(tolerance, chose
         calls.append((tau, k, steps))
         if k is None:
             return {50: 0.9, 100: 0.8}[tau], 0.5
-        return ({1: 0.7, 3: 0.95}[k] if steps == 5 else steps_auroc[steps]), 0.6
+        return ({1: 0.7, 3: 0.90}[k] if steps == 1 else steps_auroc[steps]), 0.6
 
-    cfg = SearchConfig(taus=(50, 100), ks=(1, 3), ddim_steps=(1, 2, 3, 5, 10), steps_tolerance=tolerance)
+    cfg = SearchConfig(taus=(50, 100), ks=(1, 3), ddim_steps=(5, 2, 3, 1, 10), steps_tolerance=tolerance)
     r = search_hyperparameters(evaluate, cfg, ddim_steps=5)
     assert (r.tau, r.k, r.ddim_steps) == (50, 3, chosen)
-    # the profile's own step count was scored in the K stage and is not scored again
-    assert calls[4:] == [(50, 3, 1), (50, 3, 2), (50, 3, 3), (50, 3, 10)]
+    # tau and K are searched at the fewest steps of the list (1, not the profile's 5), and that point
+    # is not scored again in the steps stage
+    assert calls[:4] == [(50, None, 1), (100, None, 1), (50, 1, 1), (50, 3, 1)]
+    assert calls[4:] == [(50, 3, 5), (50, 3, 2), (50, 3, 3), (50, 3, 10)]
     steps = [p for p in r.points if p.stage == "steps"]
-    assert [p.ddim_steps for p in steps] == [1, 2, 3, 5, 10]
-    assert steps[3].image_auroc == 0.95 and steps[3].seconds == 0.0
+    assert [p.ddim_steps for p in steps] == [5, 2, 3, 1, 10]
+    assert steps[3].image_auroc == 0.90 and steps[3].seconds == 0.0
     table = search_table(r).to_pylist()
     assert [(row["stage"], row["ddim_steps"]) for row in table if row["chosen"]] == [
-        ("tau", 5), ("k", 5), ("steps", chosen)]
+        ("tau", 1), ("k", 1), ("steps", chosen)]
     assert {"seconds", "ddim_steps"} <= set(table[0])
 
 

@@ -4,8 +4,10 @@ tau is chosen without editing ("LafitE w/o F.E.") by the mean per-category detec
 pseudo-validation set; K is then chosen with editing at that tau. Ties go to the earlier grid entry.
 Last, when ``search.ddim_steps`` lists step counts, LafitE is scored at that tau and K with each, and
 the fewest steps whose detection AUROC is within ``search.steps_tolerance`` of the best step count's
-are kept (the scoring cost is about proportional to the steps). Every evaluated point is recorded,
-with the seconds it took.
+are kept (the scoring cost is about proportional to the steps). With such a list, the tau and K
+stages themselves run at its fewest steps (the cheapest point; the steps stage then reuses it), so
+the nine or so points of the first two stages cost a fraction of a pass each instead of a pass at the
+profile's steps. Every evaluated point is recorded, with the seconds it took.
 """
 
 from __future__ import annotations
@@ -54,11 +56,14 @@ Evaluate = Callable[[int, int | None, int], tuple[float, float | None]]
 
 def search_hyperparameters(evaluate: Evaluate, cfg: SearchConfig, ddim_steps: int) -> SearchResult:
     """Grid search over ``cfg.taus`` (no editing), then ``cfg.ks`` (editing) at the best tau, both at
-    ``ddim_steps`` steps, then ``cfg.ddim_steps`` at the best tau and K (a step count already scored
-    there is not scored again)."""
+    the fewest of ``cfg.ddim_steps`` (at ``ddim_steps``, the configured scoring steps, when that list
+    is empty), then ``cfg.ddim_steps`` at the best tau and K (the step count already scored there is
+    not scored again)."""
     if not cfg.taus or not cfg.ks:
         raise ValueError("the search needs at least one tau and one K")
     points: list[SearchPoint] = []
+    if cfg.ddim_steps:
+        ddim_steps = min(cfg.ddim_steps)
 
     def run(stage: Literal["tau", "k", "steps"], tau: int, k: int | None, steps: int) -> SearchPoint:
         start = time.perf_counter()
