@@ -10,6 +10,7 @@ import logging
 import os
 import queue
 import signal
+import sys
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -36,6 +37,9 @@ _DEFAULTS = {
 def apply_environment() -> None:
     for key, value in _DEFAULTS.items():
         os.environ.setdefault(key, value)
+    if not (getattr(sys.stderr, "isatty", None) and sys.stderr.isatty()):
+        # Ray colours the "(task pid=N)" prefix of forwarded worker lines even into a file or pipe
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")
 
 
 apply_environment()
