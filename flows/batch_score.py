@@ -9,10 +9,9 @@ from prefect import flow
 
 import tasks.runtime  # noqa: F401
 from flows.params import ScoreParams, new_run_id
-from lafite_core.datapath.data import list_images
-from lafite_core.report.counts import BatchCounts, CategoryCounts, add_counts
+from lafite_core.report.counts import BatchCounts, CategoryCounts
 from lafite_core.store import layout
-from lafite_core.store.storage import Store, storage_options_from_env
+from lafite_core.store.storage import Store
 from tasks.artifacts import batch_artifacts, publish
 from tasks.progress import run_logger
 from tasks.report import batch_report_task
@@ -39,17 +38,16 @@ def batch_score_flow(params: ScoreParams) -> ScoreOutcome:
     run_id = params.run_id or new_run_id("score")
     store = Store(params.store)
     version = store.resolve_version(params.model_version)
-    urls = list_images(params.source, storage_options_from_env(params.source))
-    log.info("run %s: %d images under %s, model %s", run_id, len(urls), params.source, version)
-    reports = score_shards_task(params.store, version, run_id, urls, params.source.rstrip("/"), params.method,
-                                params.heatmaps, params.shard_size, params.ray_address)
+    log.info("run %s: scoring the images under %s with model %s, listed page by page", run_id, params.source,
+             version)
+    done = score_shards_task(params.store, version, run_id, params.source.rstrip("/"), params.method,
+                             params.heatmaps, params.shard_size, params.ray_address)
     table = merge_scores_task(params.store, version, run_id, params.stale_after_s)
-    counts = BatchCounts(version, len(urls), sum(r.scored for r in reports), sum(r.skipped for r in reports),
-                         sum(r.errors for r in reports))
+    counts = BatchCounts(version, done.listed, done.scored, done.skipped, done.errors)
     report = batch_report_task(params.store, run_id, counts)
     log.info("scored %d, skipped %d already scored, %d errors; table: %s", counts.scored, counts.skipped,
              counts.errors, table or "(nothing new)")
-    categories = tuple(add_counts(r.categories for r in reports))
+    categories = done.categories
     publish(partial(batch_artifacts, run_id, counts, categories,
                     [("report", report), ("score table", table),
                      (f"model version {version}", store.url(*layout.model_dir(version)))]))

@@ -437,6 +437,11 @@ def load_published(store: Store, version: str) -> tuple[LafiteModel, Calibration
     return LafiteModel.from_files(files), Calibration.from_json(json.loads(files[CALIBRATION_FILE])), files
 
 
+def published_categories(store: Store, version: str) -> tuple[str, ...]:
+    """The categories ("dataset/category") of a published version, from its verified model.json alone."""
+    return tuple(json.loads(store.load_model_file(version, "model.json"))["categories"])
+
+
 # --------------------------------------------------------------------------- score and measure
 
 

@@ -7,9 +7,11 @@ The bookkeeping (parts, heartbeats, the merge lock, de-duplication, adoption of 
 from __future__ import annotations
 
 import functools
-import posixpath
+import time
+from collections import Counter
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from typing import Iterable
 
 import numpy as np
 from prefect import task
@@ -20,12 +22,16 @@ from lafite_core.store import layout
 from lafite_core.method.backbone import FeatureExtractor
 from lafite_core.datapath.data import outside_root, read_bytes
 from lafite_core.datapath.images import decode_image
+from lafite_core.datapath.listing import DEFAULT_PAGE_SIZE, category_of, infer_category, iter_listing, relative_parts
 from lafite_core.store.ledger import ScoreLedger
+from lafite_core.store.shards import ShardItem, ShardManifest, plan_shards
 from lafite_core.method.model import Scorer
-from lafite_core.report.counts import CategoryCounts, count_by_category
-from lafite_core.stages import judge_images, load_published
-from lafite_core.store.storage import Store, content_hash, safe_part, storage_options_from_env
+from lafite_core.report.counts import NO_CATEGORY, CategoryCounts, add_counts, count_by_category
+from lafite_core.stages import judge_images, load_published, published_categories
+from lafite_core.store.storage import Store, content_hash, storage_options_from_env
 from tasks.progress import LogProgress, run_logger
+
+HEARTBEAT_EVERY_S = 60.0  # while the listing goes on: a run silent for stale_after_s is taken for crashed
 
 
 @dataclass(frozen=True)
@@ -38,24 +44,19 @@ class ShardReport:
     categories: tuple[CategoryCounts, ...]  # the same counts per category, for the run's artifacts
 
 
-def relative_parts(url: str, source_root: str) -> list[str]:
-    """Path components of ``url`` below ``source_root``; ValueError for a name that could escape."""
-    root = source_root.rstrip("/") + "/"
-    rel = url[len(root):] if url.startswith(root) else posixpath.basename(url)
-    return [safe_part(p) for p in rel.split("/") if p]
+@dataclass(frozen=True)
+class DumpReport:
+    """What scoring a dump did: images listed, shards run, and the counts over them and the images
+    skipped unread (their listing signature matched a scored row)."""
 
-
-def infer_category(parts: list[str], categories: tuple[str, ...]) -> str | None:
-    """The model category ("dataset/category") named by a folder on the image's path, if any."""
-    names = {c.split("/", 1)[1]: c for c in categories}
-    folders = parts[:-1]
-    for a, b in zip(folders, folders[1:]):
-        if f"{a}/{b}" in categories:
-            return f"{a}/{b}"
-    for p in folders:
-        if p in names:
-            return names[p]
-    return None
+    listed: int
+    shards: int
+    scored: int
+    skipped: int
+    errors: int
+    skipped_unread: int
+    categories: tuple[CategoryCounts, ...]
+    first_shard_s: float | None  # seconds from the start of the listing to the first shard submitted
 
 
 @functools.lru_cache(maxsize=2)
@@ -68,6 +69,24 @@ def _scoring_setup(store_url: str, version: str):
 def score_shard_body(store_url: str, version: str, run_id: str, shard: int, urls: list[str], done, source_root: str,
                      method: str, heatmaps: bool) -> ShardReport:
     """On a Ray worker: score ``urls`` not in ``done`` (a set of (url, content hash)); write a part file."""
+    by_url: dict[str, set[str]] = {}
+    for url, digest in done:
+        by_url.setdefault(url, set()).add(digest)
+    items = [ShardItem(u, None, tuple(sorted(by_url.get(u, ())))) for u in urls]
+    return score_items(store_url, version, run_id, shard, items, source_root, method, heatmaps)
+
+
+def score_manifest_body(store_url: str, version: str, run_id: str, shard: int, method: str,
+                        heatmaps: bool) -> ShardReport:
+    """On a Ray worker: score the images of shard ``shard``'s manifest; write a part file."""
+    ledger = ScoreLedger(Store(store_url), version)
+    manifest = ShardManifest.from_bytes(ledger.read_manifest(run_id, shard))
+    return score_items(store_url, version, run_id, shard, manifest.items, manifest.source_root, method, heatmaps)
+
+
+def score_items(store_url: str, version: str, run_id: str, shard: int, items: Iterable[ShardItem], source_root: str,
+                method: str, heatmaps: bool) -> ShardReport:
+    """Read each item, skip it when its content hash is already scored, else score it; write a part file."""
     runtime.use_assigned_cpus()
     store = Store(store_url)
     model, calibration, extractor, scorer = _scoring_setup(store_url, version)
@@ -76,10 +95,10 @@ def score_shard_body(store_url: str, version: str, run_id: str, shard: int, urls
     now = datetime.now(timezone.utc)
     rows: list[dict] = []
     skipped: list[str | None] = []  # the category of each image skipped as already scored
-    batch: list[tuple[str, str, np.ndarray, list[str]]] = []
+    batch: list[tuple[ShardItem, str, np.ndarray, list[str]]] = []
 
-    def base(url: str, digest: str | None, parts: list[str] | None) -> dict:
-        return {"image_url": url, "content_hash": digest,
+    def base(url: str, digest: str | None, parts: list[str] | None, signature: str | None) -> dict:
+        return {"image_url": url, "content_hash": digest, "listing_signature": signature,
                 "category": infer_category(parts, model.categories) if parts else None,
                 "model_version": version, "method": method, "run_id": run_id, "scored_at": now,
                 "raw_score": None, "normalized_score": None, "decision": None, "heatmap_url": None, "error": None}
@@ -87,7 +106,7 @@ def score_shard_body(store_url: str, version: str, run_id: str, shard: int, urls
     def flush() -> None:
         if not batch:
             return
-        new = [base(url, digest, parts) for url, digest, _, parts in batch]
+        new = [base(item.url, digest, parts, item.signature) for item, digest, _, parts in batch]
         judged = judge_images(scorer, extractor, calibration, method, [b[2] for b in batch], [b[1] for b in batch],
                               [r["category"] for r in new], heatmaps)
         for row, (_, _, _, parts), j in zip(new, batch, judged):
@@ -98,7 +117,8 @@ def score_shard_body(store_url: str, version: str, run_id: str, shard: int, urls
             rows.append(row)
         batch.clear()
 
-    for url in urls:
+    for item in items:
+        url = item.url
         parts: list[str] | None = None
         digest: str | None = None
         try:
@@ -107,16 +127,16 @@ def score_shard_body(store_url: str, version: str, run_id: str, shard: int, urls
                 raise ValueError(f"{url}: refused, the link points outside the source folder {source_root}")
             data = read_bytes(url, opts)
             digest = content_hash(data)
-            if (url, digest) in done:
+            if digest in item.known:
                 skipped.append(infer_category(parts, model.categories))
                 continue
             image, _ = decode_image(data, cfg.data.image_size, url, cfg.data.max_image_pixels)
         except (OSError, ValueError) as exc:
-            row = base(url, digest, None)
+            row = base(url, digest, None, item.signature)
             row["error"] = f"{type(exc).__name__}: {exc}"
             rows.append(row)
             continue
-        batch.append((url, digest, image, parts))
+        batch.append((item, digest, image, parts))
         if len(batch) >= cfg.scoring.batch_size:
             flush()
     flush()
@@ -126,39 +146,72 @@ def score_shard_body(store_url: str, version: str, run_id: str, shard: int, urls
 
 
 @task(name="score-shards", cache_policy=NONE, retries=1, retry_delay_seconds=10)
-def score_shards_task(store_url: str, version: str, run_id: str, urls: list[str], source_root: str, method: str,
-                      heatmaps: bool, shard_size: int, ray_address: str | None = None) -> list[ShardReport]:
-    """Fan the dump out over Ray, ``shard_size`` images per task."""
+def score_shards_task(store_url: str, version: str, run_id: str, source_root: str, method: str, heatmaps: bool,
+                      shard_size: int, ray_address: str | None = None,
+                      page_size: int = DEFAULT_PAGE_SIZE) -> DumpReport:
+    """List ``source_root`` page by page and fan its shards out over Ray as they are cut.
+
+    The listing is never held whole: each shard's images go into a manifest in the store and its Ray
+    task gets only the shard's number; images whose listing signature matches a scored row are skipped
+    here, unread, and Ray is started only when a first shard has something to read. At most two shards
+    per CPU are in flight.
+    """
     import ray
 
     log = run_logger()
-    ledger = ScoreLedger(Store(store_url), version)
+    store = Store(store_url)
+    ledger = ScoreLedger(store, version)
     ledger.heartbeat(run_id)
-    done = ledger.scored_keys(method)
-    log.info("%d images listed, %d (url, content) pairs already scored with %s (%s)", len(urls), len(done),
-             version, method)
-    runtime.ray_init(ray_address)
-    done_ref = ray.put(done)
-    remote = ray.remote(num_cpus=1)(score_shard_body)
-    shards = [urls[i : i + shard_size] for i in range(0, len(urls), shard_size)]
-    # at most two tasks in flight per CPU keeps memory flat however large the dump is
-    window = 2 * max(1, int(ray.cluster_resources().get("CPU", 1)))
-    pending: dict = {}
+    beat = time.monotonic()
+    categories = published_categories(store, version)
+    pages = iter_listing(source_root, storage_options_from_env(source_root), page_size)
     progress = LogProgress(log)
     reports: list[ShardReport] = []
-    next_shard = 0
-    while next_shard < len(shards) or pending:
-        while next_shard < len(shards) and len(pending) < window:
-            ref = remote.remote(store_url, version, run_id, next_shard, shards[next_shard], done_ref, source_root,
-                                method, heatmaps)
-            pending[ref] = next_shard
-            next_shard += 1
+    pending: dict = {}
+    window, remote, listed = 0, None, 0
+    first_number = shard = ledger.next_shard(run_id)  # after those of an earlier try of this task
+    unread: Counter = Counter()  # category -> images skipped unread
+    t0, first_shard = time.monotonic(), None
+
+    def collect() -> None:
         ready, _ = ray.wait(list(pending), num_returns=1)
         reports.append(ray.get(ready[0]))
         del pending[ready[0]]
         ledger.heartbeat(run_id)
-        progress("score shards", len(reports), len(shards))
-    return sorted(reports, key=lambda r: r.shard)
+
+    with ledger.lookup(method) as lookup:
+        for step in plan_shards(pages, lookup, shard_size, source_root):
+            listed += step.listed
+            unread.update(category_of(u, source_root, categories) for u in step.skipped)
+            if step.items:
+                if remote is None:
+                    runtime.ray_init(ray_address)
+                    remote = ray.remote(num_cpus=1)(score_manifest_body)
+                    window = 2 * max(1, int(ray.cluster_resources().get("CPU", 1)))
+                while len(pending) >= window:
+                    collect()
+                    progress("score shards", len(reports), 0)
+                ledger.write_manifest(run_id, shard, ShardManifest(run_id, shard, source_root, step.items).to_bytes())
+                pending[remote.remote(store_url, version, run_id, shard, method, heatmaps)] = shard
+                if first_shard is None:
+                    first_shard = time.monotonic() - t0
+                    log.info("first shard started %.1f s after the listing began", first_shard)
+                shard += 1
+            if time.monotonic() - beat > HEARTBEAT_EVERY_S:
+                ledger.heartbeat(run_id)
+                beat = time.monotonic()
+    shards = shard - first_number
+    log.info("%d images listed under %s: %d skipped unread (listing unchanged since scored with %s, %s), "
+             "%d to read in %d shards", listed, source_root, sum(unread.values()), version, method,
+             listed - sum(unread.values()), shards)
+    while pending:
+        collect()
+        progress("score shards", len(reports), shards)
+    skipped_unread = [CategoryCounts(c or NO_CATEGORY, skipped=n) for c, n in unread.items()]
+    cats = add_counts([*(r.categories for r in reports), skipped_unread])
+    n_unread = sum(unread.values())
+    return DumpReport(listed, shards, sum(r.scored for r in reports), n_unread + sum(r.skipped for r in reports),
+                      sum(r.errors for r in reports), n_unread, tuple(cats), first_shard)
 
 
 @task(name="merge-scores", cache_policy=NONE, retries=3, retry_delay_seconds=5)

@@ -198,13 +198,11 @@ def load_sample(sample: Sample, size: int, max_pixels: int = 100_000_000,
 
 
 def list_images(source: str, storage_options: dict | None = None) -> list[str]:
-    """Every image file (by extension) under ``source``, recursively, as sorted URLs."""
-    fs, path = url_to_fs(source, **(storage_options or {}))
-    path = path.rstrip("/") or path
-    if not fs.isdir(path):
-        raise FileNotFoundError(f"image source {source!r} does not exist or is not a folder")
-    found = [p for p in fs.find(path) if p.lower().endswith(IMAGE_EXTENSIONS)]
-    return sorted(_url(fs, p) for p in found)
+    """Every image file (by extension) under ``source``, recursively, as sorted URLs (the whole listing
+    in memory: batch scoring streams ``lafite_core.datapath.listing.iter_listing`` instead)."""
+    from lafite_core.datapath.listing import iter_listing
+
+    return [o.url for page in iter_listing(source, storage_options) for o in page]
 
 
 def outside_root(url: str, root: str) -> bool:

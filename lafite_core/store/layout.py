@@ -17,7 +17,9 @@ Each function returns path components under the store root (``Store`` joins and 
     tables/metrics/<run_id>.parquet                   per-category metrics of a run
     tables/summary/<run_id>.parquet                   means and inter-category std of a run
     tables/scores/<version>/<run_id>.parquet          batch-scoring results of a run
-    tables/scores/<version>/parts/<run_id>/...        per-shard results and heartbeat while it runs
+    tables/scores/<version>/parts/<run_id>/...        per-shard results, shard manifests
+                                                      (manifests/shard-NNNNN.json) and heartbeat
+                                                      while it runs
     tables/scores/<version>/merge.lock                held while a run merges its parts
     heatmaps/<version>/<run_id>/<relative path>.png   optional heat-map overlays
     reports/<run_id>/index.html, images/<name>.png    a run's report (evaluation or batch scoring)

@@ -25,9 +25,11 @@ import pyarrow as pa
 
 from lafite_core.store import layout
 from lafite_core.store.storage import Store, safe_part
-from lafite_core.store.tables import SCORES_SCHEMA, scores_table
+from lafite_core.store.lookup import ScoredLookup
+from lafite_core.store.tables import SCORES_ROW_GROUP, SCORES_SCHEMA, conform_scores, scores_table
 
 HEARTBEAT = "_heartbeat"
+MANIFESTS = "manifests"  # parts/<run_id>/manifests/shard-NNNNN.json: what each shard of the run is to read
 LOCK = "merge.lock"
 
 _log = logging.getLogger(__name__)
@@ -150,14 +152,14 @@ class ScoreLedger:
 
     def _parts(self, run_id: str) -> list[pa.Table]:
         names = [n for n in self.store.listdir(*self._path("parts", run_id)) if n.endswith(".parquet")]
-        return [self.store.read_table(*self._path("parts", run_id, n)).cast(SCORES_SCHEMA) for n in names]
+        return [conform_scores(self.store.read_table(*self._path("parts", run_id, n))) for n in names]
 
     def rows(self) -> pa.Table:
         """Every score row recorded for the version: merged run tables and parts of unmerged runs."""
         tables = []
         merged = self._merged_names()
         for name in sorted(merged):
-            tables.append(self.store.read_table(*self._path(name)).cast(SCORES_SCHEMA))
+            tables.append(conform_scores(self.store.read_table(*self._path(name))))
         for run in self.store.listdir(*self._path("parts")):
             if f"{run}.parquet" not in merged:  # else merged already, parts left by an interrupted cleanup
                 tables += self._parts(run)
@@ -172,6 +174,33 @@ class ScoreLedger:
         return {(u, h) for u, h, e, m in zip(t["image_url"].to_pylist(), t["content_hash"].to_pylist(),
                                              t["error"].to_pylist(), t["method"].to_pylist())
                 if e is None and m == method}
+
+    def lookup(self, method: str = "lafite") -> ScoredLookup:
+        """The rows ``method`` scored without error, looked up page by page in URL order (a context
+        manager): merged tables streamed, parts of unmerged runs read whole."""
+        merged = sorted(self._merged_names())
+        unmerged = []
+        for run in self.store.listdir(*self._path("parts")):
+            if f"{run}.parquet" not in merged:
+                names = self.store.listdir(*self._path("parts", run))
+                unmerged += [self._path("parts", run, n) for n in names if n.endswith(".parquet")]
+        return ScoredLookup(self.store, [self._path(n) for n in merged], unmerged, method)
+
+    def next_shard(self, run_id: str) -> int:
+        """The first shard number ``run_id`` has not used (a retried run must not overwrite its parts)."""
+        names = self.store.listdir(*self._path("parts", run_id))
+        names += self.store.listdir(*self._path("parts", run_id, MANIFESTS))
+        used = [int(n[6:11]) for n in names if n.startswith("shard-") and n[6:11].isdigit()]
+        return max(used, default=-1) + 1
+
+    def write_manifest(self, run_id: str, shard: int, manifest: bytes) -> str:
+        """Write a shard's manifest (what it is to read) beside the run's parts; removed by the merge."""
+        path = self._path("parts", run_id, MANIFESTS, f"shard-{shard:05d}.json")
+        self.store.write_bytes(path, manifest)
+        return self.store.url(*path)
+
+    def read_manifest(self, run_id: str, shard: int) -> bytes:
+        return self.store.read_bytes(*self._path("parts", run_id, MANIFESTS, f"shard-{shard:05d}.json"))
 
     def write_part(self, run_id: str, shard: int, rows: Sequence[dict]) -> str | None:
         """Write a shard's rows (SCORES_SCHEMA columns) as one part of ``run_id``; its URL, None if no rows."""
@@ -235,7 +264,7 @@ class ScoreLedger:
                     keep.append(r)
                 if keep:
                     path = self._path(f"{run_id}.parquet")
-                    self.store.write_table(path, scores_table(keep))
+                    self.store.write_table(path, scores_table(keep), row_group_size=SCORES_ROW_GROUP)
                     table = self.store.url(*path)
                 dropped = len(rows) - len(keep)
                 if dropped:

@@ -8,6 +8,7 @@ outside the root.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import io
@@ -20,7 +21,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import fsspec
 import pyarrow as pa
@@ -221,12 +222,24 @@ class Store:
 
     # ------------------------------------------------------------------ tables
 
-    def write_table(self, parts: Iterable[str], table: pa.Table, metadata: dict[str, str] | None = None) -> str:
+    def write_table(self, parts: Iterable[str], table: pa.Table, metadata: dict[str, str] | None = None,
+                    row_group_size: int | None = None) -> str:
         """Parquet, written whole; ``metadata`` goes into the schema metadata (config JSON, hash)."""
-        return self.write_bytes(parts, parquet_bytes(table, metadata))
+        return self.write_bytes(parts, parquet_bytes(table, metadata, row_group_size))
 
     def read_table(self, *parts: str) -> pa.Table:
         return pq.read_table(io.BytesIO(self.read_bytes(*parts)))
+
+    @contextlib.contextmanager
+    def open_parquet(self, *parts: str) -> Iterator[pq.ParquetFile]:
+        """A Parquet file opened for reading row group by row group (ranged reads on object storage);
+        only its footer is read on opening."""
+        path = self.path(*parts)
+        f = self.retry.call(self.fs.open, path, "rb", what=f"opening {self.url(*parts)}")
+        try:
+            yield self.retry.call(pq.ParquetFile, f, what=f"reading {self.url(*parts)}")
+        finally:
+            f.close()
 
     # ------------------------------------------------------------------ model versions
 
@@ -270,6 +283,17 @@ class Store:
         if not versions:
             raise StoreError(f"no complete model version in {self.root_url}/models; run `lafite train` first")
         return versions[-1].version
+
+    def load_model_file(self, version: str, name: str) -> bytes:
+        """One file of a version, checked against the manifest (as ``load_model_files`` checks all)."""
+        try:
+            meta = self.read_json(*layout.model_file(version, MANIFEST))["files"][name]
+            data = self.read_bytes(*layout.model_file(version, name))
+        except (FileNotFoundError, KeyError):
+            raise IntegrityError(f"model version {version}: no verified file {name}") from None
+        if len(data) != meta["bytes"] or content_hash(data) != meta["sha256"]:
+            raise IntegrityError(f"model version {version}: file {name} does not match its checksum")
+        return data
 
     def load_model_files(self, version: str) -> dict[str, bytes]:
         """All files of a version, each checked against the manifest; refuses partial or altered ones."""

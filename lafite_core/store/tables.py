@@ -61,8 +61,14 @@ SCORES_SCHEMA = pa.schema(
         ("heatmap_url", pa.string()),
         ("error", pa.string()),
         ("scored_at", pa.timestamp("us", tz="UTC")),
+        # the listing's "<size>:<ETag>" or "<size>:<mtime_ns>" when scored (lafite_core.datapath.listing):
+        # a rerun whose listing shows the same signature skips the image without reading it; null in
+        # tables written before it existed and for images listed without one
+        ("listing_signature", pa.string()),
     ]
 )
+SCORES_ROW_GROUP = 16_384  # rows per Parquet row group of a merged score table (sorted by URL): the
+#                           unit a streamed lookup reads (lafite_core.store.lookup)
 
 SEARCH_SCHEMA = pa.schema(
     [
@@ -78,13 +84,14 @@ SEARCH_SCHEMA = pa.schema(
 )
 
 
-def parquet_bytes(table: pa.Table, metadata: dict[str, str] | None = None) -> bytes:
-    """A table as Parquet bytes; ``metadata`` goes into the schema metadata (config JSON, hash)."""
+def parquet_bytes(table: pa.Table, metadata: dict[str, str] | None = None, row_group_size: int | None = None) -> bytes:
+    """A table as Parquet bytes; ``metadata`` goes into the schema metadata (config JSON, hash);
+    ``row_group_size`` rows per row group (default: pyarrow's)."""
     if metadata:
         merged = {**(table.schema.metadata or {}), **{k.encode(): v.encode() for k, v in metadata.items()}}
         table = table.replace_schema_metadata(merged)
     buf = io.BytesIO()
-    pq.write_table(table, buf)
+    pq.write_table(table, buf, row_group_size=row_group_size)
     return buf.getvalue()
 
 
@@ -94,7 +101,16 @@ def metrics_table(rows: Sequence[dict]) -> pa.Table:
 
 
 def scores_table(rows: Sequence[dict]) -> pa.Table:
+    """Rows with SCORES_SCHEMA columns -> table (a missing column, e.g. ``listing_signature``, is null)."""
     return pa.Table.from_pylist(list(rows), schema=SCORES_SCHEMA)
+
+
+def conform_scores(table: pa.Table) -> pa.Table:
+    """A score table read back, in SCORES_SCHEMA: columns added since it was written are null."""
+    missing = [f for f in SCORES_SCHEMA if f.name not in table.column_names]
+    for f in missing:
+        table = table.append_column(f, pa.nulls(table.num_rows, f.type))
+    return table.select(SCORES_SCHEMA.names).cast(SCORES_SCHEMA)
 
 
 def search_table(result: SearchResult) -> pa.Table:
