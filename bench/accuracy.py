@@ -31,6 +31,7 @@ import sys
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from typing import Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -45,7 +46,7 @@ from lafite_core.method.metrics import auroc, mean_std_over_seeds, summarize
 from lafite_core.method.model import Scorer
 from lafite_core.pipeline import fit
 from lafite_core.stages import CategoryScores, image_seed, load_all, measure
-from lafite_core.method.scoring import METHODS, AnomalyMaps
+from lafite_core.method.scoring import METHODS, AnomalyMaps, Method
 from lafite_core.store.storage import Store, content_hash
 from lafite_core.store.tables import metrics_table
 
@@ -158,6 +159,25 @@ def mean_image_auroc(tests: list[TestSet], outs: list[AnomalyMaps]) -> float:
     return float(np.mean(vals)) if vals else float("nan")
 
 
+def test_rows(scorer: Scorer, tests: list[TestSet], methods: Sequence[Method] = METHODS,
+              cached: dict[str, list[AnomalyMaps]] | None = None) -> list[dict]:
+    """Every test set scored with ``methods`` (outputs in ``cached`` are reused) -> one metrics row (the
+    store's schema) per category and method."""
+    cfg = scorer.model.config
+    cached = dict(cached or {})
+    for method in methods:
+        if method not in cached:
+            cached[method] = [scorer.score(ts.features, method, [image_seed(cfg.seed, s.content_hash) for s in ts.loaded])
+                              for ts in tests]
+    rows = []
+    for i, ts in enumerate(tests):
+        cs = CategoryScores(ts.category, ts.loaded, {m: cached[m][i].scores.numpy() for m in methods},
+                            {m: cached[m][i].maps.numpy() for m in methods})
+        for r in measure(cs, methods, cfg, len(ts.category.test) - len(ts.loaded)):
+            rows.append({"run_id": None, "model_version": None, **r.record(), "created": datetime.now(timezone.utc)})
+    return rows
+
+
 def run_seed(categories: list[Category], tests: list[TestSet], cfg: PipelineConfig,
              extractor: FeatureExtractor, test_curves: bool = True) -> SeedResult:
     t0 = time.perf_counter()
@@ -198,15 +218,7 @@ def run_seed(categories: list[Category], tests: list[TestSet], cfg: PipelineConf
               f"{time.perf_counter() - t:.1f} s", file=sys.stderr)
     timings["test_curves"] = time.perf_counter() - t
     t = time.perf_counter()
-    for method in METHODS:
-        if method not in cached:
-            cached[method] = [scorer.score(ts.features, method, sd) for ts, sd in zip(tests, seeds)]
-    rows = []
-    for i, ts in enumerate(tests):
-        cs = CategoryScores(ts.category, ts.loaded, {m: cached[m][i].scores.numpy() for m in METHODS},
-                            {m: cached[m][i].maps.numpy() for m in METHODS})
-        for r in measure(cs, METHODS, model.config, len(ts.category.test) - len(ts.loaded)):
-            rows.append({"run_id": None, "model_version": None, **r.record(), "created": datetime.now(timezone.utc)})
+    rows = test_rows(scorer, tests, METHODS, cached)
     timings["test_scoring_and_metrics"] = time.perf_counter() - t
     timings["seed_total"] = time.perf_counter() - t0
     return SeedResult(cfg.seed, cfg, rows, curves, model.tau, model.k, sel.searched, timings,

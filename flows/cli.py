@@ -109,7 +109,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     out = train_flow(TrainParams(data_root=args.data_root, layout=_layout(args), categories=args.categories,
                                  profile=args.profile, overrides=_overrides(args), seed=args.seed,
-                                 evaluate=not args.no_evaluate,
+                                 evaluate=not args.no_evaluate, warm_start=args.warm_start,
                                  store=_store(args), ray_address=args.ray_address, device=args.device))
     print(f"\nmodel version {out.model_version} (tau={out.tau}, K={out.k}, threshold {out.threshold:.4f})")
     print(f"store: {out.store}")
@@ -217,8 +217,9 @@ def cmd_versions(args: argparse.Namespace) -> int:
         return 1
     for v in versions:
         card = json.loads(store.read_bytes(*layout.model_file(v.version, CARD_FILE)))
+        parent = f"  fine-tuned from {card['parent_version']}" if card.get("parent_version") else ""
         print(f"{v.version}  created {v.created}  config {v.config_hash}  tau={card['tau']} K={card['k']}  "
-              f"categories: {', '.join(card['categories'])}")
+              f"categories: {', '.join(card['categories'])}{parent}")
     print(f"latest: {versions[-1].version}")
     return 0
 
@@ -306,6 +307,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_training(t)
     t.add_argument("--seed", type=int, default=0, help="seed for initialisation, sampling and noise")
     t.add_argument("--no-evaluate", action="store_true", help="skip the evaluation on labelled test sets")
+    t.add_argument("--warm-start", default="none", metavar="latest|VERSION|none",
+                   help="fine-tune an earlier version's U-Net for diffusion.warm_start_fraction (0.25) of the "
+                        "training budget instead of training from scratch: latest (when its features and U-Net "
+                        "shape match this config; otherwise from scratch, with a warning), a named version (an "
+                        "error if it does not match) or none (default; the nightly deployment uses latest)")
     _add_common(t)
     t.set_defaults(fn=cmd_train)
 

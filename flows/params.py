@@ -43,6 +43,12 @@ class TrainParams(_Params):
     seed: int = 0
     evaluate: bool = Field(True, description="evaluate on the labelled test sets after training")
     device: str | None = Field(None, description="training device; default CUDA when present")
+    warm_start: str = Field(
+        "none", min_length=1,
+        description='"latest": fine-tune the latest version\'s U-Net when its features and U-Net shape match this '
+                    'config (else from scratch, with a warning); a version name: that one (an error if it does not '
+                    'match); "none": from scratch. Fine-tuning trains diffusion.warm_start_fraction of the budget',
+    )
 
     def config(self) -> PipelineConfig:
         cfg = load_profile(self.profile)

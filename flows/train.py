@@ -18,7 +18,7 @@ from tasks.artifacts import Settings, publish, train_artifacts
 from tasks.features import discover_task, extract_features_task
 from tasks.model import publish_task, select_task
 from tasks.progress import run_logger
-from tasks.training import train_task
+from tasks.training import train_task, warm_start_task
 
 
 @dataclass(frozen=True)
@@ -35,15 +35,17 @@ class TrainOutcome:
 
 @flow(name="train", log_prints=True)
 def train_flow(params: TrainParams) -> TrainOutcome:
-    """Train one unified model on every category's train/good images and publish it as a version."""
+    """Train one unified model on every category's train/good images and publish it as a version
+    (from scratch, or fine-tuning a compatible earlier version's U-Net: ``params.warm_start``)."""
     log = run_logger()
     cfg = params.config()
     run_id = params.run_id or new_run_id("train")
     log.info("run %s: profile %s, config %s, store %s", run_id, params.profile, config_hash(cfg), params.store)
     plan = plan_training(discover_task(params.data_root, params.categories, params.layout), cfg)
+    parent = warm_start_task(params.store, cfg.to_json(), params.warm_start)
     extraction = extract_features_task(params.store, cfg.to_json(), plan.fit + plan.holdout, params.data_root)
     trained = train_task(params.store, cfg.to_json(), plan, run_id, extraction.backbone,
-                         list(extraction.report.failures), params.device, params.ray_address)
+                         list(extraction.report.failures), params.device, params.ray_address, parent)
     selection = select_task(params.store, run_id, plan, params.data_root)
     version = publish_task(params.store, run_id, trained.summary)
     evaluation = None

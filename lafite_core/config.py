@@ -71,6 +71,11 @@ class DiffusionConfig(_Frozen):
     weight_decay: float = Field(1e-4, ge=0)
     lr_drop_at: float = Field(0.8, gt=0, le=1, description="lr x0.1 after this fraction of the planned epochs")
     checkpoint_every: int = Field(50, ge=1, description="epochs between resumable checkpoints")
+    warm_start_fraction: float = Field(
+        0.25, gt=0, le=1,
+        description="share of the training budget (epochs and max_steps) spent fine-tuning a compatible parent "
+                    "version's U-Net (`lafite train --warm-start`); unused when training from scratch",
+    )
 
     @field_validator("channel_mult")
     @classmethod

@@ -18,7 +18,13 @@ from typing import Sequence
 from lafite_core.method.backbone import FeatureExtractor
 from lafite_core.config import PipelineConfig
 from lafite_core.datapath.data import Category
-from lafite_core.store.feature_store import MemoryFeatures, extract_into, read_training_features
+from lafite_core.store.feature_store import (
+    FeatureSink,
+    MemoryFeatures,
+    extract_into,
+    feature_key,
+    read_training_features,
+)
 from lafite_core.method.model import LafiteModel, Scorer
 from lafite_core.method.scoring import METHODS, Method
 from lafite_core.stages import (
@@ -41,6 +47,7 @@ from lafite_core.stages import (
 from lafite_core.store.layout import LOSSES_FILE
 from lafite_core.store.losses import losses_bytes
 from lafite_core.store.storage import ModelVersion, Store
+from lafite_core.warm_start import WarmStart
 
 log = logging.getLogger(__name__)
 
@@ -68,13 +75,23 @@ def fit(
     storage_options: dict | None = None,
     progress: Progress = quiet,
     device: str | None = None,
+    warm_start: WarmStart | None = None,
+    sink: FeatureSink | None = None,
 ) -> FitResult:
-    """Train one model on the train/good images of all ``categories`` (the paper's unified setting)."""
+    """Train one model on the train/good images of all ``categories`` (the paper's unified setting).
+
+    ``warm_start`` (``warm_start.warm_start_from(store, "latest", cfg)``) fine-tunes a parent
+    version's U-Net instead of training one from scratch. ``sink``: where features are extracted to
+    (default: memory); a ``FeatureStore`` keeps them between runs, so only new images are extracted.
+    """
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
     plan = plan_training(categories, cfg)
     extractor = extractor or FeatureExtractor(cfg.backbone)
-    sink = MemoryFeatures(cfg)
+    sink = MemoryFeatures(cfg) if sink is None else sink
+    if sink.key != feature_key(cfg):
+        raise ValueError(f"the feature sink holds features of key {sink.key}, this config extracts {feature_key(cfg)}: "
+                         f"open it with this config")
     # held-out images too, as the train flow does: the same backbone batches give the same features
     report = extract_into(sink, plan.fit + plan.holdout, extractor, storage_options, progress=progress)
     for url, error in report.failures:
@@ -83,8 +100,10 @@ def fit(
     features = read_training_features(sink, plan.fit)
     timings["extract_train"] = time.perf_counter() - t0
     t = time.perf_counter()
-    trained = train_model(features, cfg, plan.category_keys, backbone_card(extractor), device, progress=progress)
+    trained = train_model(features, cfg, plan.category_keys, backbone_card(extractor), device, progress=progress,
+                          warm_start=warm_start)
     timings["train_and_coreset"] = time.perf_counter() - t
+    timings["train_unet"] = trained.unet_seconds
     t = time.perf_counter()
     selection = select(trained.model, extractor, plan.holdout, plan.fit, storage_options, device, progress)
     timings["search"] = time.perf_counter() - t

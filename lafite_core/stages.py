@@ -3,7 +3,8 @@
     plan_training                      which images train, which are held out (pseudo-validation)
     feature_store.extract_into         read, decode, extract features into a sink (Zarr or memory)
     feature_store.read_training_features
-    train_model                        statistics, U-Net (eq. 6), coreset (eq. 9) -> untuned model
+    train_model                        statistics, U-Net (eq. 6; or fine-tuned from a parent version,
+                                       ``warm_start``), coreset (eq. 9) -> untuned model
     select                             pseudo-validation set, search tau then K (4.5), calibration
     selection_files, version_files     the files of a model version (publication)
     score_category, score_images       scores and maps for labelled or unlabelled images (eq. 10-12)
@@ -48,6 +49,7 @@ from lafite_core.method.synthesis import build_pseudo_anomalies
 from lafite_core.store.tables import METRIC_COLUMNS, parquet_bytes, search_table
 from lafite_core.method.views import apply_view, native_grids
 from lafite_core.method.train import TrainState, pick_device, planned_epochs, train_unet
+from lafite_core.warm_start import WarmStart, training_budget
 
 log = logging.getLogger(__name__)
 
@@ -169,17 +171,22 @@ def backbone_card(extractor: FeatureExtractor) -> dict:
 # --------------------------------------------------------------------------- train
 
 
-def training_key(cfg: PipelineConfig, data: Sequence[tuple[str, str]], precision: str = "fp32") -> str:
-    """Identifies trained U-Net weights: feature settings, diffusion settings, seed, training data and
-    the training precision (as resolved on the training device; fp32 keeps the keys it always had).
+def training_key(cfg: PipelineConfig, data: Sequence[tuple[str, str]], precision: str = "fp32",
+                 parent_version: str | None = None) -> str:
+    """Identifies trained U-Net weights: feature settings, diffusion settings, seed, training data,
+    the training precision (as resolved on the training device; fp32 keeps the keys it always had)
+    and, for a warm start, the parent version and the fraction of the budget.
 
     ``data`` is (image id, content hash) of every training image. Scoring, search, synthesis and
-    coreset settings are left out: changing them reuses the weights.
+    coreset settings are left out: changing them reuses the weights; so is ``warm_start_fraction``
+    when training from scratch.
     """
     payload = {"feature_key": feature_key(cfg), "view": cfg.features.model_dump(mode="json"),
-               "diffusion": cfg.diffusion.model_dump(mode="json"), "seed": cfg.seed}
+               "diffusion": cfg.diffusion.model_dump(mode="json", exclude={"warm_start_fraction"}), "seed": cfg.seed}
     if precision != "fp32":
         payload["precision"] = precision
+    if parent_version is not None:
+        payload["warm_start"] = {"parent": parent_version, "fraction": cfg.diffusion.warm_start_fraction}
     h = hashlib.sha256(json.dumps(payload, sort_keys=True).encode())
     for image_id, content in sorted(data):
         h.update(f"{image_id}\0{content}\n".encode())
@@ -196,6 +203,9 @@ class Trained:
     device: str
     resumed_from_epoch: int
     precision: str = "fp32"
+    parent_version: str | None = None  # the version whose U-Net it fine-tuned (None: from scratch)
+    warm_start_fraction: float | None = None  # the share of the budget it trained, when warm-started
+    unet_seconds: float = 0.0  # wall time this run spent training the U-Net (statistics and coresets apart)
 
     @property
     def final_loss(self) -> float:
@@ -206,11 +216,14 @@ def train_model(
     features: TrainingFeatures, cfg: PipelineConfig, categories: Sequence[str], backbone: dict,
     device: str | None = None, state: TrainState | None = None,
     on_checkpoint: Callable[[TrainState], None] | None = None, progress: Progress = quiet,
+    warm_start: WarmStart | None = None,
 ) -> Trained:
     """Raw training features -> statistics, U-Net and coreset (and PatchCore's bank), as a model.
 
     LafitE trains on its view of the features (``cfg.features``), standardised per channel.
-    ``state`` continues an interrupted training run; ``on_checkpoint`` saves one.
+    ``state`` continues an interrupted training run; ``on_checkpoint`` saves one. ``warm_start``
+    (checked compatible by ``warm_start.choose_parent``) starts from a parent's U-Net and trains
+    ``diffusion.warm_start_fraction`` of the budget; the coreset is rebuilt over all features.
     """
     raw = features.raw
     channels = backbone.get("channels")
@@ -225,11 +238,14 @@ def train_model(
     dev = pick_device(device)
     precision = resolve_precision(cfg.compute.precision, dev, "training the U-Net")
     resumed = state.epoch if state is not None else 0
+    budget = training_budget(cfg.diffusion, warm_start)
+    started = time.perf_counter()
     state = train_unet(
-        normalized, cfg.diffusion, cfg.seed, dev, state=state, on_checkpoint=on_checkpoint,
-        on_epoch=lambda e, loss: progress("train", e, planned_epochs(cfg.diffusion, raw.shape[0])),
-        precision=precision,
+        normalized, budget, cfg.seed, dev, state=state, on_checkpoint=on_checkpoint,
+        on_epoch=lambda e, loss: progress("train", e, planned_epochs(budget, raw.shape[0])),
+        precision=precision, initial=None if warm_start is None else warm_start.weights,
     )
+    unet_seconds = time.perf_counter() - started
     state.unet.cpu().eval()
     bank = patch_bank(normalized, features.groups, cfg.coreset, cfg.seed)
     del normalized
@@ -243,7 +259,9 @@ def train_model(
                **({} if baseline_bank is None else {"baseline_bank_size": int(baseline_bank.shape[0])})},
         baseline_bank=baseline_bank,
     )
-    return Trained(model, list(state.losses), state.epoch, str(dev), resumed, precision)
+    return Trained(model, list(state.losses), state.epoch, str(dev), resumed, precision,
+                   None if warm_start is None else warm_start.parent_version,
+                   None if warm_start is None else cfg.diffusion.warm_start_fraction, unet_seconds)
 
 
 # --------------------------------------------------------------------------- select
@@ -405,7 +423,8 @@ def selection_files(selection: Selection) -> dict[str, bytes]:
 def training_summary(trained: Trained, unreadable: Sequence[tuple[str, str]], skipped: Sequence[str]) -> dict:
     """The model card's account of training: epochs, loss, device, images, what was left out."""
     return {"trained_epochs": trained.epochs, "final_loss": trained.final_loss, "device": trained.device,
-            "precision": trained.precision,
+            "precision": trained.precision, "parent_version": trained.parent_version,
+            "warm_start_fraction": trained.warm_start_fraction,
             "train_images": int(trained.model.extra.get("train_images", 0)),
             "unreadable_train_images": [{"url": u, "error": e} for u, e in unreadable],
             "skipped_categories": list(skipped)}

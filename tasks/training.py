@@ -21,6 +21,7 @@ from lafite_core.stages import TrainingPlan, train_model, training_key, training
 from lafite_core.store.storage import Store
 from lafite_core.method.train import load_state, pick_device, planned_epochs
 from lafite_core.method.precision import resolve_precision
+from lafite_core.warm_start import choose_parent, load_warm_start, training_budget
 from tasks.progress import LogProgress, run_logger, worker_logger
 
 @dataclass(frozen=True)
@@ -34,44 +35,55 @@ class TrainRef:
     resumed_from_epoch: int
     train_images: int
     summary: dict  # the model card's account of training (stages.training_summary)
+    parent_version: str | None = None  # the version it was fine-tuned from (None: from scratch)
 
 
 def train_body(store_url: str, config_json: str, plan: TrainingPlan, run_id: str, backbone: dict,
-               unreadable: list[tuple[str, str]], device: str | None) -> TrainRef:
-    """Runs on the Ray worker (no Prefect context): train, checkpoint, stage the untuned model."""
+               unreadable: list[tuple[str, str]], device: str | None, parent_version: str | None = None) -> TrainRef:
+    """Runs on the Ray worker (no Prefect context): train, checkpoint, stage the untuned model.
+
+    ``parent_version``: a compatible version to fine-tune (``warm_start.choose_parent``); a warm
+    start checkpoints under its own training key, so it resumes apart from from-scratch runs.
+    """
     log = worker_logger("lafite.train")
     runtime.use_assigned_cpus()
     cfg = PipelineConfig.from_json(config_json)
     store = Store(store_url)
     features = read_training_features(FeatureStore(store, cfg, backbone), plan.fit)
     dev = pick_device(device)
+    warm = None if parent_version is None else load_warm_start(store, parent_version)
     key = training_key(cfg, [(e.id, e.content_hash) for e in features.entries],
-                       resolve_precision(cfg.compute.precision, dev, "training the U-Net"))
+                       resolve_precision(cfg.compute.precision, dev, "training the U-Net"), parent_version)
     ckpt = layout.checkpoint(key)
+    budget = training_budget(cfg.diffusion, warm)
     state = None
     if store.exists(*ckpt):
         dim = view_dim(cfg.features, backbone["channels"]) if backbone.get("channels") else features.raw.shape[1]
-        state = load_state(store.read_bytes(*ckpt), dim, features.raw.shape[2], cfg.diffusion, dev)  # LafitE's view
-        log.info("resuming training from checkpoint %s at epoch %d/%d", store.url(*ckpt), state.epoch,
-                 planned_epochs(cfg.diffusion, features.raw.shape[0]))
+        state = load_state(store.read_bytes(*ckpt), dim, features.raw.shape[2], budget, dev)  # LafitE's view
+        log.info("resuming %s from checkpoint %s at epoch %d/%d",
+                 "training" if warm is None else f"the warm start from {parent_version}", store.url(*ckpt),
+                 state.epoch, planned_epochs(budget, features.raw.shape[0]))
     trained = train_model(
         features, cfg, plan.category_keys, backbone, str(dev), state=state,
         on_checkpoint=lambda st: store.write_bytes(ckpt, st.to_bytes(config_json)),
-        progress=LogProgress(log, every_s=10),
+        progress=LogProgress(log, every_s=10), warm_start=warm,
     )
     for name, data in trained.model.to_files().items():
         store.write_bytes(layout.staged(run_id, name), data)
     store.write_bytes(layout.staged(run_id, layout.LOSSES_FILE), losses_bytes(trained.losses))
     return TrainRef(run_id, key, trained.epochs, trained.final_loss, int(trained.model.bank.shape[0]),
                     trained.device, trained.resumed_from_epoch, len(features.entries),
-                    training_summary(trained, unreadable, plan.skipped))
+                    training_summary(trained, unreadable, plan.skipped), trained.parent_version)
 
 
 @task(name="train-diffusion", cache_policy=NONE, retries=1, retry_delay_seconds=10)
 def train_task(store_url: str, config_json: str, plan: TrainingPlan, run_id: str, backbone: dict,
                unreadable: list[tuple[str, str]], device: str | None = None,
-               ray_address: str | None = None) -> TrainRef:
-    """Train on a Ray worker with a GPU when the cluster has one; otherwise on the CPU, with a warning."""
+               ray_address: str | None = None, parent_version: str | None = None) -> TrainRef:
+    """Train on a Ray worker with a GPU when the cluster has one; otherwise on the CPU, with a warning.
+
+    ``parent_version``: the compatible version to fine-tune (:func:`warm_start_task`), None from scratch.
+    """
     import ray
 
     log = run_logger()
@@ -86,9 +98,20 @@ def train_task(store_url: str, config_json: str, plan: TrainingPlan, run_id: str
         log.warning("no GPU in the Ray cluster: training the diffusion U-Net on the CPU "
                     "(slow for the `paper` profile; run a GPU worker for nightly retraining)")
     remote = ray.remote(**options)(train_body)
-    ref = ray.get(remote.remote(store_url, config_json, plan, run_id, backbone, unreadable, device))
+    ref = ray.get(remote.remote(store_url, config_json, plan, run_id, backbone, unreadable, device, parent_version))
     if ref.resumed_from_epoch:
         log.info("training resumed from epoch %d", ref.resumed_from_epoch)
-    log.info("trained %d epochs on %s (final loss %.4f); coreset of %d patches", ref.epochs, ref.device,
+    log.info("trained %d epochs%s on %s (final loss %.4f); coreset of %d patches", ref.epochs,
+             f" fine-tuning version {ref.parent_version}" if ref.parent_version else "", ref.device,
              ref.final_loss, ref.bank_size)
     return ref
+
+
+@task(name="choose-warm-start", cache_policy=NONE)
+def warm_start_task(store_url: str, config_json: str, choice: str) -> str | None:
+    """"none", "latest" or a version -> the compatible version to fine-tune, or None (from scratch).
+
+    Decided before extraction, in the run's log: an incompatible latest version is a warning, an
+    incompatible or unknown named one fails the run at once.
+    """
+    return choose_parent(Store(store_url), choice, PipelineConfig.from_json(config_json), run_logger())

@@ -12,7 +12,7 @@ import io
 import logging
 import math
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -111,19 +111,25 @@ def train_unet(
     on_checkpoint: Callable[[TrainState], None] | None = None,
     on_epoch: Callable[[int, float], None] | None = None,
     precision: Resolved = "fp32",
+    initial: Mapping[str, torch.Tensor] | None = None,
 ) -> TrainState:
     """Train (or continue training) on normalised features [N, D, S, S] for :func:`planned_epochs`.
 
     ``on_checkpoint`` is called every ``cfg.checkpoint_every`` epochs and after the last one;
     ``on_epoch(epoch, mean_loss)`` after every epoch (progress display). ``precision``: bf16 runs the
-    U-Net's forward pass under autocast (fp32 weights, optimiser and loss).
+    U-Net's forward pass under autocast (fp32 weights, optimiser and loss). ``initial``: U-Net weights
+    to start from instead of a fresh initialisation (a warm start; the optimiser state is fresh);
+    ignored when ``state`` continues a run.
     """
     if features.ndim != 4 or features.shape[0] == 0:
         raise ValueError(f"need non-empty features [N, D, S, S], got {tuple(features.shape)}")
     device = device or pick_device()
     n, d, s, _ = features.shape
     epochs = planned_epochs(cfg, n)
-    state = state or new_state(d, s, cfg, seed, device, epochs)
+    if state is None:
+        state = new_state(d, s, cfg, seed, device, epochs)
+        if initial is not None:
+            state.unet.load_state_dict(initial)  # shapes were checked by the caller; strict all the same
     schedule = cosine_schedule(cfg.timesteps)
     ab = torch.tensor(schedule.alphas_cumprod, dtype=torch.float32, device=device)
     data = features.to(device)
