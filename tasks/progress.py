@@ -30,6 +30,67 @@ def clear_sink(sink: Sink) -> None:
         _sink = None
 
 
+def to_sink(stage: str, done: int, total: int) -> None:
+    """Send one progress call to the sink only (no log line): for progress relayed from a Ray worker,
+    whose own lines are already forwarded to the driver's output."""
+    sink = _sink
+    if sink is not None:
+        sink(stage, done, total)
+
+
+class QueuedProgress:
+    """A worker-side ``progress(stage, done, total)`` that puts each call on a Ray queue (dropped when
+    the queue is full), for :func:`wait_relaying` in the driver."""
+
+    def __init__(self, queue) -> None:
+        self.queue = queue
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        from ray.util.queue import Full
+
+        try:
+            self.queue.put_nowait((stage, done, total))
+        except Full:
+            pass
+
+
+def both(*callbacks) -> Callable[[str, int, int], None]:
+    """One progress callback calling each of ``callbacks`` (None entries skipped)."""
+    live = [c for c in callbacks if c is not None]
+
+    def call(stage: str, done: int, total: int) -> None:
+        for c in live:
+            c(stage, done, total)
+
+    return call
+
+
+def relay_queue():
+    """A Ray queue for a worker's progress when this process shows progress bars, else None."""
+    if _sink is None:
+        return None
+    from ray.util.queue import Queue
+
+    return Queue(maxsize=10_000, actor_options={"num_cpus": 0})
+
+
+def wait_relaying(ref, queue, poll_s: float = 0.5):
+    """``ray.get(ref)``, passing what the worker put on ``queue`` to the progress sink meanwhile."""
+    import ray
+
+    try:
+        while True:
+            ready, _ = ray.wait([ref], timeout=poll_s)
+            if queue is not None and queue.qsize():
+                for item in queue.get_nowait_batch(queue.qsize()):
+                    to_sink(*item)
+            if ready:
+                return ray.get(ref)
+    finally:
+        if queue is not None:
+            queue.shutdown()
+
+
 class LogProgress:
     """A ``progress(stage, done, total)`` callback that logs rate-limited progress lines."""
 

@@ -22,7 +22,7 @@ from lafite_core.store.storage import Store
 from lafite_core.method.train import load_state, pick_device, planned_epochs
 from lafite_core.method.precision import resolve_precision
 from lafite_core.warm_start import choose_parent, load_warm_start, training_budget
-from tasks.progress import LogProgress, run_logger, worker_logger
+from tasks.progress import LogProgress, QueuedProgress, both, relay_queue, run_logger, wait_relaying, worker_logger
 
 @dataclass(frozen=True)
 class TrainRef:
@@ -39,11 +39,13 @@ class TrainRef:
 
 
 def train_body(store_url: str, config_json: str, plan: TrainingPlan, run_id: str, backbone: dict,
-               unreadable: list[tuple[str, str]], device: str | None, parent_version: str | None = None) -> TrainRef:
+               unreadable: list[tuple[str, str]], device: str | None, parent_version: str | None = None,
+               progress_queue=None) -> TrainRef:
     """Runs on the Ray worker (no Prefect context): train, checkpoint, stage the untuned model.
 
     ``parent_version``: a compatible version to fine-tune (``warm_start.choose_parent``); a warm
     start checkpoints under its own training key, so it resumes apart from from-scratch runs.
+    ``progress_queue``: a Ray queue that takes every epoch's progress for the driver's progress bar.
     """
     log = worker_logger("lafite.train")
     runtime.use_assigned_cpus()
@@ -66,7 +68,8 @@ def train_body(store_url: str, config_json: str, plan: TrainingPlan, run_id: str
     trained = train_model(
         features, cfg, plan.category_keys, backbone, str(dev), state=state,
         on_checkpoint=lambda st: store.write_bytes(ckpt, st.to_bytes(config_json)),
-        progress=LogProgress(log, every_s=10), warm_start=warm,
+        progress=both(LogProgress(log, every_s=10), progress_queue and QueuedProgress(progress_queue)),
+        warm_start=warm,
     )
     for name, data in trained.model.to_files().items():
         store.write_bytes(layout.staged(run_id, name), data)
@@ -98,7 +101,9 @@ def train_task(store_url: str, config_json: str, plan: TrainingPlan, run_id: str
         log.warning("no GPU in the Ray cluster: training the diffusion U-Net on the CPU "
                     "(slow for the `paper` profile; run a GPU worker for nightly retraining)")
     remote = ray.remote(**options)(train_body)
-    ref = ray.get(remote.remote(store_url, config_json, plan, run_id, backbone, unreadable, device, parent_version))
+    queue = relay_queue()  # the epochs on the terminal's progress bar, when there is one
+    ref = wait_relaying(remote.remote(store_url, config_json, plan, run_id, backbone, unreadable, device,
+                                      parent_version, queue), queue)
     if ref.resumed_from_epoch:
         log.info("training resumed from epoch %d", ref.resumed_from_epoch)
     log.info("trained %d epochs%s on %s (final loss %.4f); coreset of %d patches", ref.epochs,

@@ -214,3 +214,33 @@ def test_main_stops_the_bars_when_a_command_is_interrupted(terminal, monkeypatch
     assert not any(isinstance(h, TerminalConsole) for h in logging.getLogger().handlers)
     shown = terminal.getvalue()
     assert "3/10" in shown and "extract features: 3/10" not in shown and "interrupted (SIGINT)" in shown
+
+
+def test_progress_on_a_ray_worker_reaches_the_bar_of_the_driver(fresh_ray):
+    """Training runs on a Ray worker: its epochs are relayed through a Ray queue to the terminal's bar
+    (the sink) while the driver waits; without a sink no queue is made at all."""
+    from tasks.runtime import ray_init
+
+    def _epochs_on_a_worker(queue, n: int) -> int:  # local, so Ray ships it by value
+        """Reports ``n`` epochs the way ``tasks.training.train_body`` does."""
+        from tasks.progress import QueuedProgress, both
+
+        report = both(None, QueuedProgress(queue))
+        for e in range(1, n + 1):
+            report("train", e, n)
+        return n
+
+    assert progress.relay_queue() is None  # no bar, no queue (and no Ray actor)
+    seen: list[tuple[str, int, int]] = []
+    progress.set_sink(lambda *call: seen.append(call))
+    try:
+        import ray
+
+        ray_init(num_cpus=1)
+        queue = progress.relay_queue()
+        ref = ray.remote(num_cpus=0)(_epochs_on_a_worker).remote(queue, 5)
+        assert progress.wait_relaying(ref, queue, poll_s=0.05) == 5
+    finally:
+        progress.clear_sink(seen.append)
+        progress.set_sink(None)
+    assert seen == [("train", e, 5) for e in range(1, 6)]
