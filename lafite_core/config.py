@@ -186,6 +186,14 @@ class ComputeConfig(_Frozen):
                             "AMX or AVX512-BF16 CPUs), fp32 elsewhere (auto); or always fp32 / bf16")
 
 
+class TrainConfig(_Frozen):
+    """Where the U-Net trains (not what it learns, beyond the data-parallel split)."""
+
+    workers: int = Field(
+        1, ge=1, description="data-parallel U-Net training workers (Ray Train, DDP: NCCL on GPUs, gloo on CPUs), "
+                             "each on its shard of the training features; 1 trains in one Ray task")
+
+
 class SearchConfig(_Frozen):
     """Hyperparameter search on the pseudo-validation set (section 4.5): tau first, then K."""
 
@@ -217,6 +225,7 @@ class PipelineConfig(_Frozen):
     synthesis: SynthesisConfig = SynthesisConfig()
     search: SearchConfig = SearchConfig()
     compute: ComputeConfig = ComputeConfig()
+    train: TrainConfig = TrainConfig()
     features: ViewConfig = Field(ViewConfig(), description="LafitE's view of the stored features")
     baseline: BaselineConfig = BaselineConfig()
     seed: int = 0

@@ -100,6 +100,9 @@ def fit(
     features = read_training_features(sink, plan.fit)
     timings["extract_train"] = time.perf_counter() - t0
     t = time.perf_counter()
+    if cfg.train.workers > 1:
+        log.warning("train.workers=%d is for the Ray flows (`lafite train`); the in-process pipeline trains the "
+                    "U-Net in this one process", cfg.train.workers)
     trained = train_model(features, cfg, plan.category_keys, backbone_card(extractor), device, progress=progress,
                           warm_start=warm_start)
     timings["train_and_coreset"] = time.perf_counter() - t

@@ -23,14 +23,14 @@ import json
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
 
 from lafite_core.method.backbone import FeatureExtractor
 from lafite_core.method.calibration import Calibration, calibrate
-from lafite_core.config import PipelineConfig, config_hash
+from lafite_core.config import DiffusionConfig, PipelineConfig, config_hash
 from lafite_core.method import patchcore
 from lafite_core.method.coreset import patch_bank
 from lafite_core.datapath.data import Category, LoadedSample, Sample
@@ -174,8 +174,9 @@ def backbone_card(extractor: FeatureExtractor) -> dict:
 def training_key(cfg: PipelineConfig, data: Sequence[tuple[str, str]], precision: str = "fp32",
                  parent_version: str | None = None) -> str:
     """Identifies trained U-Net weights: feature settings, diffusion settings, seed, training data,
-    the training precision (as resolved on the training device; fp32 keeps the keys it always had)
-    and, for a warm start, the parent version and the fraction of the budget.
+    the training precision (as resolved on the training device; fp32 keeps the keys it always had),
+    the number of data-parallel workers (when more than one) and, for a warm start, the parent
+    version and the fraction of the budget.
 
     ``data`` is (image id, content hash) of every training image. Scoring, search, synthesis and
     coreset settings are left out: changing them reuses the weights; so is ``warm_start_fraction``
@@ -185,6 +186,8 @@ def training_key(cfg: PipelineConfig, data: Sequence[tuple[str, str]], precision
                "diffusion": cfg.diffusion.model_dump(mode="json", exclude={"warm_start_fraction"}), "seed": cfg.seed}
     if precision != "fp32":
         payload["precision"] = precision
+    if cfg.train.workers != 1:  # data-parallel weights differ from one worker's; one worker keeps its keys
+        payload["workers"] = cfg.train.workers
     if parent_version is not None:
         payload["warm_start"] = {"parent": parent_version, "fraction": cfg.diffusion.warm_start_fraction}
     h = hashlib.sha256(json.dumps(payload, sort_keys=True).encode())
@@ -212,11 +215,43 @@ class Trained:
         return float(self.losses[-1]) if self.losses else float("nan")
 
 
+@dataclass(frozen=True)
+class UNetJob:
+    """What training the U-Net needs once the features are standardised (:func:`train_model`)."""
+
+    features: torch.Tensor  # normalised [N, D, S, S], all training rows
+    stats: FeatureStats  # the standardisation over all rows (for workers that read their own shard)
+    budget: DiffusionConfig  # the diffusion settings with the (warm-start) training budget
+    seed: int
+    device: torch.device
+    precision: str
+    state: TrainState | None  # an interrupted run to continue
+    initial: Mapping[str, torch.Tensor] | None  # a warm start's weights
+    on_checkpoint: Callable[[TrainState], None] | None
+    on_epoch: Callable[[int, float], None]
+
+
+def train_locally(job: UNetJob) -> TrainState:
+    """The U-Net trained in this process (:func:`train_unet` on all rows)."""
+    return train_unet(job.features, job.budget, job.seed, job.device, state=job.state,
+                      on_checkpoint=job.on_checkpoint, on_epoch=job.on_epoch, precision=job.precision,
+                      initial=job.initial)
+
+
+def training_view(raw: np.ndarray, cfg: PipelineConfig, backbone: dict) -> torch.Tensor:
+    """Raw stored features [N, C, h, w] -> LafitE's view of them [N, D, S, S] (``cfg.features``)."""
+    channels = backbone.get("channels")
+    if channels is not None and len(channels) != len(cfg.backbone.out_indices):
+        raise ValueError(f"the features come from a backbone with {len(channels)} levels but the config asks for "
+                         f"out_indices {cfg.backbone.out_indices}: extract them with this config's backbone")
+    return apply_view(torch.from_numpy(raw), cfg.features, channels, native_grids(backbone, cfg.data.image_size))
+
+
 def train_model(
     features: TrainingFeatures, cfg: PipelineConfig, categories: Sequence[str], backbone: dict,
     device: str | None = None, state: TrainState | None = None,
     on_checkpoint: Callable[[TrainState], None] | None = None, progress: Progress = quiet,
-    warm_start: WarmStart | None = None,
+    warm_start: WarmStart | None = None, train_unet_with: Callable[[UNetJob], TrainState] = train_locally,
 ) -> Trained:
     """Raw training features -> statistics, U-Net and coreset (and PatchCore's bank), as a model.
 
@@ -224,14 +259,13 @@ def train_model(
     ``state`` continues an interrupted training run; ``on_checkpoint`` saves one. ``warm_start``
     (checked compatible by ``warm_start.choose_parent``) starts from a parent's U-Net and trains
     ``diffusion.warm_start_fraction`` of the budget; the coreset is rebuilt over all features.
+    ``train_unet_with``: how the U-Net trains (here, or data-parallel on several workers); the
+    statistics and the coresets are computed here over all rows either way.
     """
     raw = features.raw
     channels = backbone.get("channels")
-    if channels is not None and len(channels) != len(cfg.backbone.out_indices):
-        raise ValueError(f"the features come from a backbone with {len(channels)} levels but the config asks for "
-                         f"out_indices {cfg.backbone.out_indices}: extract them with this config's backbone")
     grids = native_grids(backbone, cfg.data.image_size)
-    viewed = apply_view(torch.from_numpy(raw), cfg.features, channels, grids)
+    viewed = training_view(raw, cfg, backbone)
     stats = FeatureStats.fit(viewed)
     normalized = stats.apply(viewed)
     del viewed
@@ -240,11 +274,11 @@ def train_model(
     resumed = state.epoch if state is not None else 0
     budget = training_budget(cfg.diffusion, warm_start)
     started = time.perf_counter()
-    state = train_unet(
-        normalized, budget, cfg.seed, dev, state=state, on_checkpoint=on_checkpoint,
-        on_epoch=lambda e, loss: progress("train", e, planned_epochs(budget, raw.shape[0])),
-        precision=precision, initial=None if warm_start is None else warm_start.weights,
-    )
+    state = train_unet_with(UNetJob(
+        normalized, stats, budget, cfg.seed, dev, precision, state,
+        None if warm_start is None else warm_start.weights, on_checkpoint,
+        lambda e, loss: progress("train", e, planned_epochs(budget, raw.shape[0])),
+    ))
     unet_seconds = time.perf_counter() - started
     state.unet.cpu().eval()
     bank = patch_bank(normalized, features.groups, cfg.coreset, cfg.seed)

@@ -6,11 +6,13 @@ resumes from there after a crash; the untuned model is staged under ``runs/<run_
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from prefect import task
 from prefect.cache_policies import NONE
 
+import tasks.ray_train as ray_train
 import tasks.runtime as runtime
 from lafite_core.method.views import view_dim
 from lafite_core.store import layout
@@ -54,29 +56,63 @@ def train_body(store_url: str, config_json: str, plan: TrainingPlan, run_id: str
     features = read_training_features(FeatureStore(store, cfg, backbone), plan.fit)
     dev = pick_device(device)
     warm = None if parent_version is None else load_warm_start(store, parent_version)
-    key = training_key(cfg, [(e.id, e.content_hash) for e in features.entries],
-                       resolve_precision(cfg.compute.precision, dev, "training the U-Net"), parent_version)
-    ckpt = layout.checkpoint(key)
-    budget = training_budget(cfg.diffusion, warm)
-    state = None
-    if store.exists(*ckpt):
-        dim = view_dim(cfg.features, backbone["channels"]) if backbone.get("channels") else features.raw.shape[1]
-        state = load_state(store.read_bytes(*ckpt), dim, features.raw.shape[2], budget, dev)  # LafitE's view
-        log.info("resuming %s from checkpoint %s at epoch %d/%d",
-                 "training" if warm is None else f"the warm start from {parent_version}", store.url(*ckpt),
-                 state.epoch, planned_epochs(budget, features.raw.shape[0]))
-    trained = train_model(
-        features, cfg, plan.category_keys, backbone, str(dev), state=state,
-        on_checkpoint=lambda st: store.write_bytes(ckpt, st.to_bytes(config_json)),
-        progress=both(LogProgress(log, every_s=10), progress_queue and QueuedProgress(progress_queue)),
-        warm_start=warm,
-    )
+    if cfg.train.workers > 1:
+        trained, key = _train_data_parallel(store, cfg, config_json, plan, features, backbone, dev, warm,
+                                            parent_version, progress_queue)
+    else:
+        key = training_key(cfg, [(e.id, e.content_hash) for e in features.entries],
+                           resolve_precision(cfg.compute.precision, dev, "training the U-Net"), parent_version)
+        ckpt = layout.checkpoint(key)
+        budget = training_budget(cfg.diffusion, warm)
+        state = None
+        if store.exists(*ckpt):
+            dim = view_dim(cfg.features, backbone["channels"]) if backbone.get("channels") else features.raw.shape[1]
+            state = load_state(store.read_bytes(*ckpt), dim, features.raw.shape[2], budget, dev)  # LafitE's view
+            log.info("resuming %s from checkpoint %s at epoch %d/%d",
+                     "training" if warm is None else f"the warm start from {parent_version}", store.url(*ckpt),
+                     state.epoch, planned_epochs(budget, features.raw.shape[0]))
+        trained = train_model(
+            features, cfg, plan.category_keys, backbone, str(dev), state=state,
+            on_checkpoint=lambda st: store.write_bytes(ckpt, st.to_bytes(config_json)),
+            progress=both(LogProgress(log, every_s=10), progress_queue and QueuedProgress(progress_queue)),
+            warm_start=warm,
+        )
     for name, data in trained.model.to_files().items():
         store.write_bytes(layout.staged(run_id, name), data)
     store.write_bytes(layout.staged(run_id, layout.LOSSES_FILE), losses_bytes(trained.losses))
     return TrainRef(run_id, key, trained.epochs, trained.final_loss, int(trained.model.bank.shape[0]),
                     trained.device, trained.resumed_from_epoch, len(features.entries),
                     training_summary(trained, unreadable, plan.skipped), trained.parent_version)
+
+
+def _train_data_parallel(store: Store, cfg: PipelineConfig, config_json: str, plan: TrainingPlan,
+                         features, backbone: dict, dev, warm, parent_version: str | None, progress_queue):
+    """``train.workers`` Ray Train workers train the U-Net; statistics and coresets over all rows here."""
+    use_gpu = ray_train.workers_with_gpus(cfg.train.workers)
+    # the workers' device decides the precision (and with it the key), not this CPU-only driver's
+    precision = (_gpu_precision(cfg.compute.precision) if use_gpu
+                 else resolve_precision(cfg.compute.precision, dev, "training the U-Net"))
+    key = training_key(cfg, [(e.id, e.content_hash) for e in features.entries], precision, parent_version)
+    read = {e.id for e in features.entries}
+    budget = training_budget(cfg.diffusion, warm)
+    trainer = ray_train.RayTrainUNet(store, config_json, key, backbone, [s for s in plan.fit if s.image_id in read],
+                                     cfg.train.workers, use_gpu, planned_epochs(budget, features.raw.shape[0]),
+                                     progress_queue)
+
+    def with_precision(job):
+        return trainer(dataclasses.replace(job, precision=precision))
+
+    trained = train_model(features, cfg, plan.category_keys, backbone, "cpu", warm_start=warm,
+                          train_unet_with=with_precision)
+    return dataclasses.replace(trained, device=f"{cfg.train.workers} x {'cuda' if use_gpu else 'cpu'} (Ray Train)",
+                               precision=precision, resumed_from_epoch=trainer.resumed_from_epoch), key
+
+
+def _gpu_precision(setting: str) -> str:
+    """``compute.precision`` resolved on a GPU worker of the cluster."""
+    import ray
+
+    return ray.get(ray.remote(num_gpus=1, num_cpus=0)(resolve_precision).remote(setting, "cuda", "training the U-Net"))
 
 
 @task(name="train-diffusion", cache_policy=NONE, retries=1, retry_delay_seconds=10)
@@ -92,7 +128,13 @@ def train_task(store_url: str, config_json: str, plan: TrainingPlan, run_id: str
     log = run_logger()
     runtime.ray_init(ray_address)
     gpus = runtime.ray_gpus()
-    if gpus >= 1:
+    workers = PipelineConfig.from_json(config_json).train.workers
+    if workers > 1:  # this task only reads, standardises and builds coresets; the workers take the CPUs/GPUs
+        options = {"num_cpus": 0}
+        device = "cpu"  # the driver's share: statistics and coresets on the CPU
+        log.info("train.workers=%d: training the U-Net with Ray Train on %d %s workers (DDP over %s)", workers,
+                 workers, "GPU" if gpus >= workers else "CPU", "NCCL" if gpus >= workers else "gloo")
+    elif gpus >= 1:
         options = {"num_gpus": 1, "num_cpus": 1}
         log.info("training on a GPU Ray worker")
     else:

@@ -12,9 +12,10 @@ import io
 import logging
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Mapping
+from typing import Callable, Mapping, NamedTuple
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from lafite_core.config import DiffusionConfig
@@ -62,6 +63,20 @@ class TrainState:
             buf,
         )
         return buf.getvalue()
+
+
+class Shard(NamedTuple):
+    """One data-parallel worker's part: rank of world, holding some of ``total`` training rows.
+
+    Every rank runs the same number of steps per epoch (its rows reshuffled and cycled up to
+    ceil(total / world), batches of ceil(batch_size / world)), so the global batch stays about
+    ``batch_size`` and the step count that of one worker; gradients are averaged by the wrapper
+    (DistributedDataParallel) the caller passes to :func:`train_unet`.
+    """
+
+    rank: int
+    world: int
+    total: int
 
 
 def planned_epochs(cfg: DiffusionConfig, num_samples: int) -> int:
@@ -112,6 +127,8 @@ def train_unet(
     on_epoch: Callable[[int, float], None] | None = None,
     precision: Resolved = "fp32",
     initial: Mapping[str, torch.Tensor] | None = None,
+    shard: Shard | None = None,
+    wrap: Callable[[torch.nn.Module], torch.nn.Module] | None = None,
 ) -> TrainState:
     """Train (or continue training) on normalised features [N, D, S, S] for :func:`planned_epochs`.
 
@@ -120,12 +137,17 @@ def train_unet(
     U-Net's forward pass under autocast (fp32 weights, optimiser and loss). ``initial``: U-Net weights
     to start from instead of a fresh initialisation (a warm start; the optimiser state is fresh);
     ignored when ``state`` continues a run.
+
+    ``shard``: this worker's part of a data-parallel run (``features`` are its rows only; epochs are
+    planned from ``shard.total``; its streams are seeded by (seed, epoch, rank)); ``wrap`` wraps the
+    U-Net for the forward and backward passes (DistributedDataParallel, which averages gradients).
+    ``on_checkpoint`` is then called on every rank, the epoch losses are the mean over the ranks.
     """
     if features.ndim != 4 or features.shape[0] == 0:
         raise ValueError(f"need non-empty features [N, D, S, S], got {tuple(features.shape)}")
     device = device or pick_device()
     n, d, s, _ = features.shape
-    epochs = planned_epochs(cfg, n)
+    epochs = planned_epochs(cfg, n if shard is None else shard.total)
     if state is None:
         state = new_state(d, s, cfg, seed, device, epochs)
         if initial is not None:
@@ -133,30 +155,43 @@ def train_unet(
     schedule = cosine_schedule(cfg.timesteps)
     ab = torch.tensor(schedule.alphas_cumprod, dtype=torch.float32, device=device)
     data = features.to(device)
+    net = state.unet if wrap is None else wrap(state.unet)
+    batch = cfg.batch_size if shard is None else math.ceil(cfg.batch_size / shard.world)
     state.unet.train()
     for epoch in range(state.epoch, epochs):
-        g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+        stream = seed * 1_000_003 + epoch
+        if shard is not None:
+            stream = stream * 1_009 + shard.rank
+        g = torch.Generator().manual_seed(stream)
         # timesteps and noise are drawn where the model runs (no host-to-GPU copy of the noise)
-        g_dev = torch.Generator(device=device).manual_seed(seed * 1_000_003 + epoch)
+        g_dev = torch.Generator(device=device).manual_seed(stream)
         order = torch.randperm(n, generator=g)
+        if shard is not None:  # the same step count on every rank: its rows cycled to its share
+            share = math.ceil(shard.total / shard.world)
+            order = order.repeat(math.ceil(share / n))[:share]
         total, batches = 0.0, 0
-        for start in range(0, n, cfg.batch_size):
-            idx = order[start : start + cfg.batch_size]
+        for start in range(0, order.numel(), batch):
+            idx = order[start : start + batch]
             x0 = data[idx.to(device)]
             t = torch.randint(0, cfg.timesteps, (idx.numel(),), generator=g_dev, device=device)
             eps = torch.randn(x0.shape, generator=g_dev, device=device)
             x_t = add_noise(x0, eps, ab[t])  # eq. 3 / 8
             with autocast(device, precision):
-                pred = state.unet(x_t, t)
+                pred = net(x_t, t)
             loss = F.mse_loss(pred.float(), eps)  # eq. 6
             state.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             state.optimizer.step()
             total += loss.item()
             batches += 1
+        mean_loss = total / batches
+        if shard is not None and dist.is_available() and dist.is_initialized():
+            summed = torch.tensor([mean_loss], dtype=torch.float64, device=device)
+            dist.all_reduce(summed)
+            mean_loss = float(summed.item()) / shard.world
         state.scheduler.step()
         state.epoch = epoch + 1
-        state.losses.append(total / batches)
+        state.losses.append(mean_loss)
         if not torch.isfinite(torch.tensor(state.losses[-1])):
             raise FloatingPointError(f"training loss became {state.losses[-1]} at epoch {epoch + 1}; "
                                      f"lower the learning rate")

@@ -48,6 +48,11 @@ def checkpoint(training_key: str) -> Parts:
     return ["checkpoints", training_key, CHECKPOINT_FILE]
 
 
+def ray_train(training_key: str) -> Parts:
+    """The folder Ray Train keeps a data-parallel training's checkpoints in (``train.workers`` > 1)."""
+    return ["checkpoints", training_key, "ray_train"]
+
+
 def staged(run_id: str, name: str) -> Parts:
     return ["runs", run_id, "staged", name]
 
