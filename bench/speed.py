@@ -495,7 +495,8 @@ def make_dump(categories, n: int, folder: Path) -> Path:
 def bench_endtoend(trained: Trained, categories, sizes: Sizes, tmp: Path) -> list[EndToEndResult]:
     """``lafite score`` on a small and a large dump per method (PatchCore, then LafitE); the difference
     takes out the fixed cost (Prefect's temporary server, Ray, loading the model in the workers)."""
-    import pyarrow.parquet as pq
+    from lafite_core.store.ledger import read_score_tables
+    from lafite_core.store.storage import Store
 
     small_n = max(1, sizes.dump_images // 4)
     steps = trained.model.config.scoring.ddim_steps
@@ -513,8 +514,7 @@ def bench_endtoend(trained: Trained, categories, sizes: Sizes, tmp: Path) -> lis
             if done.returncode != 0:
                 raise RuntimeError(f"{' '.join(cmd)} failed ({done.returncode}):\n{done.stderr[-3000:]}")
             log(f"  {method}, {n} images: {times[n]:.1f} s")
-        tables = list((Path(trained.store_url) / "tables" / "scores" / trained.version).glob("*.parquet"))
-        rows = pq.ParquetDataset(tables).read().to_pydict() if tables else {"method": [], "error": []}
+        rows = read_score_tables(Store(trained.store_url), trained.version).to_pydict()
         scored = sum(m == method and e is None for m, e in zip(rows["method"], rows["error"]))
         if scored != small_n + sizes.dump_images:
             raise RuntimeError(f"{method}: {scored} of {small_n + sizes.dump_images} images scored")

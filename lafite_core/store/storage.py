@@ -291,9 +291,7 @@ class Store:
             data = self.read_bytes(*layout.model_file(version, name))
         except (FileNotFoundError, KeyError):
             raise IntegrityError(f"model version {version}: no verified file {name}") from None
-        if len(data) != meta["bytes"] or content_hash(data) != meta["sha256"]:
-            raise IntegrityError(f"model version {version}: file {name} does not match its checksum")
-        return data
+        return _checked(version, name, data, meta)
 
     def load_model_files(self, version: str) -> dict[str, bytes]:
         """All files of a version, each checked against the manifest; refuses partial or altered ones."""
@@ -307,8 +305,12 @@ class Store:
                 data = self.read_bytes(*layout.model_file(version, name))
             except FileNotFoundError:
                 raise IntegrityError(f"model version {version}: file {name} is missing") from None
-            if len(data) != meta["bytes"] or content_hash(data) != meta["sha256"]:
-                raise IntegrityError(f"model version {version}: file {name} does not match its checksum")
-            files[name] = data
+            files[name] = _checked(version, name, data, meta)
         return files
 
+
+def _checked(version: str, name: str, data: bytes, meta: dict) -> bytes:
+    """``data`` when its size and sha256 match the manifest entry ``meta``; else IntegrityError."""
+    if len(data) != meta["bytes"] or content_hash(data) != meta["sha256"]:
+        raise IntegrityError(f"model version {version}: file {name} does not match its checksum")
+    return data
