@@ -95,6 +95,7 @@ def score_items(store_url: str, version: str, run_id: str, shard: int, items: It
     now = datetime.now(timezone.utc)
     rows: list[dict] = []
     skipped: list[str | None] = []  # the category of each image skipped as already scored
+    resigned: list[dict] = []  # read again, unchanged, under a new listing signature: recorded for the next run
     batch: list[tuple[ShardItem, str, np.ndarray, list[str]]] = []
 
     def base(url: str, digest: str | None, parts: list[str] | None, signature: str | None) -> dict:
@@ -129,6 +130,9 @@ def score_items(store_url: str, version: str, run_id: str, shard: int, items: It
             digest = content_hash(data)
             if digest in item.known:
                 skipped.append(infer_category(parts, model.categories))
+                if item.signature is not None:
+                    resigned.append({"image_url": url, "content_hash": digest, "listing_signature": item.signature,
+                                     "method": method})
                 continue
             image, _ = decode_image(data, cfg.data.image_size, url, cfg.data.max_image_pixels)
         except (OSError, ValueError) as exc:
@@ -140,7 +144,9 @@ def score_items(store_url: str, version: str, run_id: str, shard: int, items: It
         if len(batch) >= cfg.scoring.batch_size:
             flush()
     flush()
-    part = ScoreLedger(store, version).write_part(run_id, shard, rows)
+    ledger = ScoreLedger(store, version)
+    ledger.write_signatures(run_id, shard, resigned)
+    part = ledger.write_part(run_id, shard, rows)
     return ShardReport(shard, sum(r["error"] is None for r in rows), len(skipped),
                        sum(r["error"] is not None for r in rows), part, tuple(count_by_category(rows, skipped)))
 

@@ -239,3 +239,57 @@ def test_a_lock_taken_over_from_a_slow_holder_is_not_removed_by_it(ledger, store
 def test_bad_lock_timing_is_refused(store):
     with pytest.raises(ValueError, match="poll_s"):
         MergeLock(store, ["merge.lock"], "me", LockTiming(poll_s=0.0))
+
+
+def test_null_and_string_key_parts_stay_apart(ledger, store):
+    """The columnar keys tell a null hash or error from any string, "-" included."""
+    ledger.write_part("a", 0, [row("x", None, "a", error="-"), row("x", "-", "a", error="-"),
+                               row("x", "-", "a"), row("x", None, "a", error=None)])
+    assert ledger.merge("a", stale_after_s=3600).duplicates == 0
+    ledger.write_part("b", 0, [row("x", None, "b", error="-"), row("x", "-", "b"), row("y", None, "b", error="-")])
+    assert ledger.merge("b", stale_after_s=3600).duplicates == 2
+    assert len(ledger.rows()) == 5
+
+
+def test_a_merge_reads_only_its_own_urls_keys_from_earlier_tables(ledger, store, monkeypatch):
+    """Earlier merged tables are read row group by row group and only the keys of this run's URLs are
+    kept: the merge's memory follows the run, not the version's history."""
+    monkeypatch.setattr(ledger_mod, "SCORES_ROW_GROUP", 4)
+    ledger.write_part("old", 0, [row(f"u{i:03d}", run_id="old") for i in range(40)])
+    ledger.merge("old", stale_after_s=3600)
+    with store.open_parquet("tables", "scores", V, "old.parquet") as pf:
+        assert pf.metadata.num_row_groups == 10
+    kept: list[int] = []
+    real = ledger_mod.ScoreLedger._merged_keys
+
+    def spy(self, names, urls):
+        out = real(self, names, urls)
+        kept.append(len(out))
+        return out
+
+    monkeypatch.setattr(ledger_mod.ScoreLedger, "_merged_keys", spy)
+    ledger.write_part("new", 0, [row("u005", run_id="new"), row("u039", run_id="new"), row("v", run_id="new")])
+    result = ledger.merge("new", stale_after_s=3600)
+    assert kept == [2] and result.duplicates == 2
+    assert store.read_table("tables", "scores", V, "new.parquet")["image_url"].to_pylist() == ["v"]
+
+
+def test_an_unchanged_image_under_a_new_signature_is_recorded_apart_from_the_scores(ledger, store):
+    ledger.write_part("a", 0, [{**row("x", "hx", "a"), "listing_signature": "10:1"}, row("y", "hy", "a")])
+    ledger.merge("a", stale_after_s=3600)
+    # run b read x again (touched: new mtime), found its content scored, and only recorded the signature
+    assert ledger.write_signatures("b", 0, []) is None
+    ledger.write_signatures("b", 0, [{"image_url": "x", "content_hash": "hx", "listing_signature": "10:2",
+                                      "method": "lafite"}])
+    with ledger.lookup() as lookup:  # an unmerged run's signatures count already
+        assert {k.listing_signature for k in lookup.take(["x"])["x"]} == {"10:1", "10:2"}
+    result = ledger.merge("b", stale_after_s=3600)
+    assert result.table is None  # no new score rows
+    assert store.exists("tables", "scores", V, "signatures", "b.parquet")
+    assert store.listdir("tables", "scores", V, "parts") == []
+    with ledger.lookup() as lookup:
+        got = lookup.take(["x", "y"])
+    assert {k.listing_signature for k in got["x"]} == {"10:1", "10:2"} and {k.content_hash for k in got["x"]} == {"hx"}
+    with ledger.lookup("patchcore") as lookup:  # per method, like the scores
+        assert lookup.take(["x"]) == {}
+    assert sorted(ledger.rows()["image_url"].to_pylist()) == ["x", "y"]  # the score rows are unchanged

@@ -252,6 +252,18 @@ def test_rerun_reads_no_image_and_a_changed_file_is_rescored(prefect_harness, tr
     assert [(r["image_url"], r["listing_signature"]) for r in rows] == [(str(changed), f"{st.st_size}:{st.st_mtime_ns}")]
     all_rows = ScoreLedger(Store(store), first.model_version).rows().to_pylist()
     assert len(all_rows) == 7 and len({(r["image_url"], r["content_hash"]) for r in all_rows}) == 7
+    # the touched file was read once and found unchanged: its new signature is recorded (not as a score
+    # row), so the next rerun reads nothing at all
+    sigs = ScoreLedger(Store(store), first.model_version).lookup()
+    with sigs as lookup:
+        known = lookup.take([str(touched)])[str(touched)]
+    st = touched.stat()
+    assert f"{st.st_size}:{st.st_mtime_ns}" in {k.listing_signature for k in known}
+    monkeypatch.setattr(scoring, "read_bytes", no_read)
+    monkeypatch.setattr(data_mod, "read_bytes", no_read)
+    fourth = batch_score_flow(params)
+    assert (fourth.listed, fourth.scored, fourth.skipped, fourth.errors, fourth.table_url) == (6, 0, 6, 0, None)
+    assert len(ScoreLedger(Store(store), first.model_version).rows()) == 7
     ray.shutdown()
 
 

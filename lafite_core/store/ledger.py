@@ -8,6 +8,17 @@ runs), into ``tables/scores/<version>/<run_id>.parquet``, dropping any (url, con
 another merged table: concurrent or resumed runs never leave duplicate rows. An image is skipped when
 a row for the same URL and content, without error, already exists for the version; an unreadable or
 refused file becomes a row with its error.
+
+An image read again and found unchanged (a file touched, an object copied onto itself) has a new
+listing signature but no new score: its shard records (url, hash, new signature, method) in
+``parts/<run_id>/signatures/shard-NNNNN.parquet``, merged with the run into
+``tables/scores/<version>/signatures/<run_id>.parquet`` (sorted by URL, like the score tables). The
+lookup reads those beside the score tables, so the next run skips that image unread; the score
+tables themselves keep one row per image.
+
+The merge is columnar: the run's rows are sorted and deduplicated as Arrow arrays, and of the tables
+merged before only the keys of this run's URLs are kept (row group by row group), so its memory
+follows the run's rows, not the version's history.
 """
 
 from __future__ import annotations
@@ -22,6 +33,7 @@ from datetime import datetime, timezone
 from typing import Sequence
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from lafite_core.store import layout
 from lafite_core.store.storage import Store, safe_part
@@ -30,6 +42,10 @@ from lafite_core.store.tables import SCORES_ROW_GROUP, SCORES_SCHEMA, conform_sc
 
 HEARTBEAT = "_heartbeat"
 MANIFESTS = "manifests"  # parts/<run_id>/manifests/shard-NNNNN.json: what each shard of the run is to read
+SIGNATURES = "signatures"  # new listing signatures of images read again and found unchanged (module docstring)
+SIGNATURES_SCHEMA = pa.schema([("image_url", pa.string()), ("content_hash", pa.string()),
+                               ("listing_signature", pa.string()), ("method", pa.string()), ("error", pa.string())])
+_KEY_COLUMNS = ("image_url", "content_hash", "error", "method")
 LOCK = "merge.lock"
 
 _log = logging.getLogger(__name__)
@@ -132,10 +148,36 @@ class MergeLock:
         return f"run {holder.run_id} (since {since}, {time.time() - holder.time:.0f} s ago)"
 
 
-def _row_key(url: str, digest: str | None, error: str | None, method: str | None) -> tuple:
-    """A row is identified by (method, url, content hash) when scored, and by (method, url, hash, error)
-    when not: the same image scored by LafitE and by the PatchCore baseline is two rows."""
-    return (method, url, digest) if error is None else (method, url, digest, error)
+def _tagged(column: pa.ChunkedArray | pa.Array) -> pa.ChunkedArray | pa.Array:
+    """Strings prefixed with "=", null as "-": one key part that tells a null from any string."""
+    return pc.fill_null(pc.binary_join_element_wise("=", column, ""), "-")
+
+
+def _row_keys(table: pa.Table, columns: Sequence[str] = _KEY_COLUMNS) -> pa.Array:
+    """One string per row identifying it: (method, url, content hash) when scored, (method, url, hash,
+    error) when not (the error column takes part, null when scored), so the same image scored by LafitE
+    and by the PatchCore baseline is two rows."""
+    parts = [_tagged(table[c]) if c in table.column_names else pa.array(["-"] * table.num_rows)
+             for c in columns]
+    key = pc.binary_join_element_wise(*parts, "\x1f")
+    return key.combine_chunks() if isinstance(key, pa.ChunkedArray) else key
+
+
+def _first_of_each(keys: pa.Array) -> pa.Array:
+    """Boolean mask: True at the first row of each key."""
+    if not len(keys):
+        return pa.array([], pa.bool_())
+    idx = pa.table({"k": keys, "i": pa.array(range(len(keys)), pa.int64())})
+    firsts = idx.group_by("k", use_threads=False).aggregate([("i", "min")])["i_min"].combine_chunks()
+    return pc.is_in(idx["i"], value_set=firsts).combine_chunks()
+
+
+def _sorted_unique(tables: list[pa.Table], key_columns: Sequence[str]) -> tuple[pa.Table, pa.Array]:
+    """Tables concatenated, sorted by URL (stable) and reduced to the first row of each key; and the keys."""
+    table = pa.concat_tables(tables).sort_by([("image_url", "ascending")])
+    keys = _row_keys(table, key_columns)
+    keep = _first_of_each(keys)
+    return table.filter(keep), keys.filter(keep)
 
 
 class ScoreLedger:
@@ -153,6 +195,21 @@ class ScoreLedger:
     def _parts(self, run_id: str) -> list[pa.Table]:
         names = [n for n in self.store.listdir(*self._path("parts", run_id)) if n.endswith(".parquet")]
         return [conform_scores(self.store.read_table(*self._path("parts", run_id, n))) for n in names]
+
+    def _signature_parts(self, run_id: str) -> list[pa.Table]:
+        names = [n for n in self.store.listdir(*self._path("parts", run_id, SIGNATURES)) if n.endswith(".parquet")]
+        return [self.store.read_table(*self._path("parts", run_id, SIGNATURES, n)).cast(SIGNATURES_SCHEMA)
+                for n in names]
+
+    def write_signatures(self, run_id: str, shard: int, rows: Sequence[dict]) -> str | None:
+        """Record the new listing signatures of images a shard read again and found unchanged (dicts with
+        image_url, content_hash, listing_signature, method); merged with the run (module docstring)."""
+        if not rows:
+            return None
+        path = self._path("parts", run_id, SIGNATURES, f"shard-{shard:05d}.parquet")
+        self.store.write_table(path, pa.Table.from_pylist([{**r, "error": None} for r in rows],
+                                                          schema=SIGNATURES_SCHEMA))
+        return self.store.url(*path)
 
     def rows(self) -> pa.Table:
         """Every score row recorded for the version: merged run tables and parts of unmerged runs."""
@@ -179,12 +236,17 @@ class ScoreLedger:
         """The rows ``method`` scored without error, looked up page by page in URL order (a context
         manager): merged tables streamed, parts of unmerged runs read whole."""
         merged = sorted(self._merged_names())
+        tables = [self._path(n) for n in merged]
+        tables += [self._path(SIGNATURES, n) for n in sorted(self.store.listdir(*self._path(SIGNATURES)))
+                   if n.endswith(".parquet")]
         unmerged = []
         for run in self.store.listdir(*self._path("parts")):
             if f"{run}.parquet" not in merged:
                 names = self.store.listdir(*self._path("parts", run))
                 unmerged += [self._path("parts", run, n) for n in names if n.endswith(".parquet")]
-        return ScoredLookup(self.store, [self._path(n) for n in merged], unmerged, method)
+                names = self.store.listdir(*self._path("parts", run, SIGNATURES))
+                unmerged += [self._path("parts", run, SIGNATURES, n) for n in names if n.endswith(".parquet")]
+        return ScoredLookup(self.store, tables, unmerged, method)
 
     def next_shard(self, run_id: str) -> int:
         """The first shard number ``run_id`` has not used (a retried run must not overwrite its parts)."""
@@ -236,42 +298,55 @@ class ScoreLedger:
               log: logging.Logger | logging.LoggerAdapter | None = None) -> MergeResult:
         """Merge the parts of ``run_id``, and of runs silent for ``stale_after_s``, into ``<run_id>.parquet``.
 
-        Under the merge lock: rows already in another merged table are dropped, then the merged parts are
-        deleted.
+        Under the merge lock: rows already in another merged table are dropped, the runs' new listing
+        signatures go into ``signatures/<run_id>.parquet``, then the merged parts are deleted.
         """
         log = log or _log
         with self.lock(run_id):
             merged = self._merged_names()
             adopted = self._stale_runs(run_id, merged, stale_after_s)
             tables = self._parts(run_id)
+            signatures = self._signature_parts(run_id)
             for run in adopted:
                 log.info("adopting the rows of interrupted run %s", run)
                 tables += self._parts(run)
+                signatures += self._signature_parts(run)
             table, dropped = None, 0
             if tables:
-                seen: set[tuple] = set()
-                for name in sorted(merged):
-                    t = self.store.read_table(*self._path(name))
-                    cols = (t["image_url"].to_pylist(), t["content_hash"].to_pylist(), t["error"].to_pylist(),
-                            t["method"].to_pylist())
-                    seen |= {_row_key(u, h, e, m) for u, h, e, m in zip(*cols)}
-                rows, keep = pa.concat_tables(tables).sort_by([("image_url", "ascending")]).to_pylist(), []
-                for r in rows:
-                    key = _row_key(r["image_url"], r["content_hash"], r["error"], r["method"])
-                    if key in seen:
-                        continue  # recorded by a concurrent run that merged first
-                    seen.add(key)
-                    keep.append(r)
-                if keep:
+                run_rows = pa.concat_tables(tables)
+                unique, keys = _sorted_unique(tables, _KEY_COLUMNS)
+                seen = self._merged_keys(sorted(merged), pc.unique(unique["image_url"]))
+                keep = unique.filter(pc.invert(pc.is_in(keys, value_set=seen))) if len(seen) else unique
+                if keep.num_rows:
                     path = self._path(f"{run_id}.parquet")
-                    self.store.write_table(path, scores_table(keep), row_group_size=SCORES_ROW_GROUP)
+                    self.store.write_table(path, keep.cast(SCORES_SCHEMA), row_group_size=SCORES_ROW_GROUP)
                     table = self.store.url(*path)
-                dropped = len(rows) - len(keep)
+                dropped = run_rows.num_rows - keep.num_rows
                 if dropped:
                     log.info("%d rows were already merged by another run and are not repeated", dropped)
+            if signatures:
+                sig, _ = _sorted_unique(signatures, ("method", "image_url", "content_hash", "listing_signature"))
+                self.store.write_table(self._path(SIGNATURES, f"{run_id}.parquet"), sig.cast(SIGNATURES_SCHEMA),
+                                       row_group_size=SCORES_ROW_GROUP)
+                log.info("%d images were read again and found unchanged: their new listing signatures are "
+                         "recorded, so the next run skips them unread", sig.num_rows)
             for run in [run_id, *adopted]:
                 self.store.delete(*self._path("parts", run), recursive=True)
         return MergeResult(table, tuple(adopted), dropped)
+
+    def _merged_keys(self, names: Sequence[str], urls: pa.Array) -> pa.Array:
+        """Row keys of the merged tables ``names`` whose URL is among ``urls``, read row group by row group."""
+        found: list[pa.Array] = []
+        for name in names:
+            with self.store.open_parquet(*self._path(name)) as pf:
+                cols = [c for c in _KEY_COLUMNS if c in pf.schema_arrow.names]
+                for i in range(pf.metadata.num_row_groups):
+                    group = self.store.retry.call(pf.read_row_group, i, columns=cols,
+                                                  what=f"reading {self.store.url(*self._path(name))}")
+                    group = group.filter(pc.is_in(group["image_url"], value_set=urls))
+                    if group.num_rows:
+                        found.append(_row_keys(group))
+        return pa.concat_arrays(found) if found else pa.array([], pa.string())
 
 
 def read_score_tables(store: Store, version: str) -> pa.Table:
