@@ -263,15 +263,46 @@ def test_a_merge_reads_only_its_own_urls_keys_from_earlier_tables(ledger, store,
     real = ledger_mod.ScoreLedger._merged_keys
 
     def spy(self, names, urls):
-        out = real(self, names, urls)
+        out = list(real(self, names, urls))
         kept.append(len(out))
-        return out
+        return iter(out)
 
     monkeypatch.setattr(ledger_mod.ScoreLedger, "_merged_keys", spy)
     ledger.write_part("new", 0, [row("u005", run_id="new"), row("u039", run_id="new"), row("v", run_id="new")])
     result = ledger.merge("new", stale_after_s=3600)
     assert kept == [2] and result.duplicates == 2
     assert store.read_table("tables", "scores", V, "new.parquet")["image_url"].to_pylist() == ["v"]
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_a_merge_streams_ordered_parts_into_full_sorted_row_groups(ledger, store, monkeypatch, overlap):
+    """Parts in URL order (shards cut from the listing) are merged one at a time into row groups of
+    SCORES_ROW_GROUP rows, sorted by URL, duplicates dropped across part edges; overlapping parts (a
+    retried task relisting) give the same table through the in-memory path."""
+    monkeypatch.setattr(ledger_mod, "SCORES_ROW_GROUP", 4)
+    ledger.write_part("old", 0, [row("u03", run_id="old")])
+    ledger.merge("old", stale_after_s=3600)
+    urls = [f"u{i:02d}" for i in range(10)]
+    shards = [urls[0:4], urls[3:7], urls[7:10]]  # u03 repeats across the first edge and was merged before
+    if overlap:
+        shards.append(urls[1:3])  # a retry relisted from the start: u01, u02 again
+    for i, shard in enumerate(shards):
+        rows = [row(u, run_id="r") for u in shard]
+        ledger.write_part("r", i, rows[::-1] + [row(shard[0], None, "r", error="OSError: gone")])  # unsorted part
+    logs = []
+    result = ledger.merge("r", stale_after_s=3600, log=type("L", (), {"info": lambda self, *a: logs.append(a)})())
+    with store.open_parquet("tables", "scores", V, "r.parquet") as pf:
+        groups = [pf.metadata.row_group(i).num_rows for i in range(pf.metadata.num_row_groups)]
+        got = pf.read()
+    oks = [u for u, e in zip(got["image_url"].to_pylist(), got["error"].to_pylist()) if e is None]
+    assert oks == [u for u in urls if u != "u03"]
+    assert got["image_url"].to_pylist() == sorted(got["image_url"].to_pylist())
+    errors = {"u00", "u03", "u07"} | ({"u01"} if overlap else set())
+    assert sorted(u for u, e in zip(got["image_url"].to_pylist(), got["error"].to_pylist()) if e) == sorted(errors)
+    assert groups[:-1] == [4] * (len(groups) - 1) and sum(groups) == 9 + len(errors)
+    rows_written = sum(len(s) + 1 for s in shards)
+    assert result.duplicates == rows_written - sum(groups)
+    assert any("in memory" in a[0] for a in logs) == overlap
 
 
 def test_an_unchanged_image_under_a_new_signature_is_recorded_apart_from_the_scores(ledger, store):

@@ -16,9 +16,13 @@ listing signature but no new score: its shard records (url, hash, new signature,
 lookup reads those beside the score tables, so the next run skips that image unread; the score
 tables themselves keep one row per image.
 
-The merge is columnar: the run's rows are sorted and deduplicated as Arrow arrays, and of the tables
-merged before only the keys of this run's URLs are kept (row group by row group), so its memory
-follows the run's rows, not the version's history.
+The merge streams: shards are cut from a listing in URL order, so a run's parts, each sorted, follow
+one another in URL order. The merge reads the parts' URLs first (to learn which keys of the tables
+merged before concern this run: those are read row group by row group and only they are kept), then
+each part in turn, dropping rows already merged, and writes full row groups as it goes. Its memory
+holds the run's URLs and those keys, not its rows, nor the version's history. Parts that overlap (a
+retried task relisting the source, runs adopted together) are merged in memory instead, sorted as
+Arrow arrays.
 """
 
 from __future__ import annotations
@@ -30,10 +34,13 @@ import time
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Sequence
+from typing import Iterator, Sequence
+
+import io
 
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from lafite_core.store import layout
 from lafite_core.store.storage import Store, safe_part
@@ -305,23 +312,20 @@ class ScoreLedger:
         with self.lock(run_id):
             merged = self._merged_names()
             adopted = self._stale_runs(run_id, merged, stale_after_s)
-            tables = self._parts(run_id)
+            paths = self._part_paths(run_id)
             signatures = self._signature_parts(run_id)
             for run in adopted:
                 log.info("adopting the rows of interrupted run %s", run)
-                tables += self._parts(run)
+                paths += self._part_paths(run)
                 signatures += self._signature_parts(run)
             table, dropped = None, 0
-            if tables:
-                run_rows = pa.concat_tables(tables)
-                unique, keys = _sorted_unique(tables, _KEY_COLUMNS)
-                seen = self._merged_keys(sorted(merged), pc.unique(unique["image_url"]))
-                keep = unique.filter(pc.invert(pc.is_in(keys, value_set=seen))) if len(seen) else unique
-                if keep.num_rows:
+            if paths:
+                data, rows_in, rows_out = self._merge_parts(paths, sorted(merged), log)
+                if rows_out:
                     path = self._path(f"{run_id}.parquet")
-                    self.store.write_table(path, keep.cast(SCORES_SCHEMA), row_group_size=SCORES_ROW_GROUP)
+                    self.store.write_bytes(path, data)
                     table = self.store.url(*path)
-                dropped = run_rows.num_rows - keep.num_rows
+                dropped = rows_in - rows_out
                 if dropped:
                     log.info("%d rows were already merged by another run and are not repeated", dropped)
             if signatures:
@@ -334,9 +338,87 @@ class ScoreLedger:
                 self.store.delete(*self._path("parts", run), recursive=True)
         return MergeResult(table, tuple(adopted), dropped)
 
-    def _merged_keys(self, names: Sequence[str], urls: pa.Array) -> pa.Array:
-        """Row keys of the merged tables ``names`` whose URL is among ``urls``, read row group by row group."""
-        found: list[pa.Array] = []
+    def _part_paths(self, run_id: str) -> list[list[str]]:
+        """The run's part files in shard order."""
+        names = sorted(n for n in self.store.listdir(*self._path("parts", run_id)) if n.endswith(".parquet"))
+        return [self._path("parts", run_id, n) for n in names]
+
+    def _read_part(self, parts: Sequence[str]) -> pa.Table:
+        return conform_scores(self.store.read_table(*parts)).sort_by([("image_url", "ascending")])
+
+    def _merge_parts(self, paths: Sequence[Sequence[str]], merged: Sequence[str],
+                     log: logging.Logger | logging.LoggerAdapter) -> tuple[bytes, int, int]:
+        """Parts -> (Parquet bytes of the rows not merged before, sorted by URL in row groups of
+        SCORES_ROW_GROUP; rows read; rows kept). Streams when the parts follow one another in URL order
+        (module docstring)."""
+        urls, ordered, last = [], True, None
+        for parts in paths:
+            with self.store.open_parquet(*parts) as pf:
+                u = self.store.retry.call(pf.read, columns=["image_url"],
+                                          what=f"reading {self.store.url(*parts)}")["image_url"]
+            u = pc.unique(u.combine_chunks() if isinstance(u, pa.ChunkedArray) else u)
+            if len(u):
+                lo, hi = pc.min_max(u).values()
+                if last is not None and lo.as_py() < last:
+                    ordered = False
+                last = hi.as_py() if last is None else max(last, hi.as_py())
+            urls.append(u)
+        run_urls = pc.unique(pa.concat_arrays(urls)) if urls else pa.array([], pa.string())
+        history: dict[str, set[str]] = {}  # url -> keys merged before, for this run's URLs only
+        for url, key in self._merged_keys(merged, run_urls):
+            history.setdefault(url, set()).add(key)
+        del urls, run_urls
+        buf, writer, pending = io.BytesIO(), None, []
+        rows_in = rows_out = 0
+        current: tuple[str | None, set[str]] = (None, set())  # the URL being passed and its keys so far
+
+        def emit(t: pa.Table, final: bool = False) -> None:
+            """Buffer ``t``; write the full row groups buffered (all rows when ``final``)."""
+            nonlocal writer
+            pending.append(t)
+            if sum(p.num_rows for p in pending) < SCORES_ROW_GROUP and not final:
+                return
+            whole = pa.concat_tables(pending).cast(SCORES_SCHEMA)
+            full = whole.num_rows if final else (whole.num_rows // SCORES_ROW_GROUP) * SCORES_ROW_GROUP
+            if full:
+                writer = writer or pq.ParquetWriter(buf, SCORES_SCHEMA)
+                writer.write_table(whole.slice(0, full), row_group_size=SCORES_ROW_GROUP)
+            pending[:] = [whole.slice(full)] if full < whole.num_rows else []
+
+        def fresh(t: pa.Table) -> pa.Table:
+            """Rows of ``t`` (URL order, after every row given before) whose key is neither merged before
+            nor met earlier in the run; a key can repeat only under one URL, so only the current URL's
+            keys are held."""
+            nonlocal current
+            keep = []
+            for url, key in zip(t["image_url"].to_pylist(), _row_keys(t).to_pylist()):
+                if url != current[0]:
+                    current = (url, history.pop(url, set()))
+                keep.append(key not in current[1])
+                current[1].add(key)
+            return t.filter(pa.array(keep, pa.bool_()))
+
+        if ordered:  # one part at a time
+            for parts in paths:
+                t = self._read_part(parts)
+                kept = fresh(t)
+                rows_in, rows_out = rows_in + t.num_rows, rows_out + kept.num_rows
+                emit(kept)
+        else:
+            log.info("the parts overlap (a retried task or adopted runs): merging them in memory")
+            t = pa.concat_tables([self._read_part(p) for p in paths]).sort_by([("image_url", "ascending")])
+            kept = fresh(t)
+            rows_in, rows_out = t.num_rows, kept.num_rows
+            emit(kept)
+        emit(SCORES_SCHEMA.empty_table(), final=True)
+        if writer is None:
+            return b"", rows_in, 0
+        writer.close()
+        return buf.getvalue(), rows_in, rows_out
+
+    def _merged_keys(self, names: Sequence[str], urls: pa.Array) -> Iterator[tuple[str, str]]:
+        """(url, row key) of the rows of the merged tables ``names`` whose URL is among ``urls``, read row
+        group by row group."""
         for name in names:
             with self.store.open_parquet(*self._path(name)) as pf:
                 cols = [c for c in _KEY_COLUMNS if c in pf.schema_arrow.names]
@@ -345,8 +427,7 @@ class ScoreLedger:
                                                   what=f"reading {self.store.url(*self._path(name))}")
                     group = group.filter(pc.is_in(group["image_url"], value_set=urls))
                     if group.num_rows:
-                        found.append(_row_keys(group))
-        return pa.concat_arrays(found) if found else pa.array([], pa.string())
+                        yield from zip(group["image_url"].to_pylist(), _row_keys(group).to_pylist())
 
 
 def read_score_tables(store: Store, version: str) -> pa.Table:
