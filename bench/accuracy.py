@@ -205,14 +205,16 @@ def run_seed(categories: list[Category], tests: list[TestSet], cfg: PipelineConf
             curves.append(CurvePoint("tau", "test", tau, None, mean_image_auroc(tests, outs), None, steps0))
             if tau == model.tau and same_steps:
                 cached["lafite_no_edit"] = outs
+        found = [scorer.neighbours(ts.features, max(cfg.search.ks)) for ts in tests]  # once for every K
         for k in cfg.search.ks:
-            outs = [scorer.score(ts.features, "lafite", sd, tau=model.tau, k=k, steps=steps0)
-                    for ts, sd in zip(tests, seeds)]
+            outs = [scorer.score(ts.features, "lafite", sd, tau=model.tau, k=k, steps=steps0, found=f)
+                    for ts, sd, f in zip(tests, seeds, found)]
             curves.append(CurvePoint("k", "test", model.tau, k, mean_image_auroc(tests, outs), None, steps0))
             if k == model.k and same_steps:
                 cached["lafite"] = outs
         for steps in cfg.search.ddim_steps:
-            outs = [scorer.score(ts.features, "lafite", sd, steps=steps) for ts, sd in zip(tests, seeds)]
+            outs = [scorer.score(ts.features, "lafite", sd, steps=steps, found=f)
+                    for ts, sd, f in zip(tests, seeds, found)]
             curves.append(CurvePoint("steps", "test", model.tau, model.k, mean_image_auroc(tests, outs), None, steps))
             if steps == model.config.scoring.ddim_steps:
                 cached["lafite"] = outs

@@ -346,26 +346,36 @@ def build_pseudo_validation(
     return images, np.array(labels), np.stack(masks) if masks else np.zeros((0, size, size), bool), np.array(cats)
 
 
-def pseudo_evaluator(scorer: Scorer, pseudo: PseudoValidation, progress: Progress = quiet):
-    """The search's evaluate(tau, k) on the pseudo-validation set: mean per-category AUROCs.
+class PseudoEvaluator:
+    """The search's evaluate(tau, k, steps) on the pseudo-validation set: mean per-category AUROCs.
 
     The bank is searched once, for the largest K of the grid, at the first K evaluated; every K reuses
-    those neighbours (the nearest k of the largest K's are the k nearest).
+    those neighbours (the nearest k of the largest K's are the k nearest). Each point's image scores
+    are kept (``scores``), so the chosen point is not scored again for the calibration.
     """
-    calls = [0]
-    feats = torch.from_numpy(pseudo.features)
-    search = scorer.model.config.search
-    found: list[Neighbours] = []
 
-    def evaluate(tau: int, k: int | None, steps: int) -> tuple[float, float | None]:
+    def __init__(self, scorer: Scorer, pseudo: PseudoValidation, progress: Progress = quiet) -> None:
+        self.scorer, self.pseudo, self.progress = scorer, pseudo, progress
+        self.feats = torch.from_numpy(pseudo.features)
+        self.found: Neighbours | None = None
+        self.scores: dict[tuple[int, int | None, int], np.ndarray] = {}
+
+    def neighbours(self, k: int) -> Neighbours:
+        """The pseudo-validation patches' bank neighbours for every K up to the grid's largest (>= k)."""
+        if self.found is None or self.found.indices.shape[1] < k:
+            start = time.perf_counter()
+            self.found = self.scorer.neighbours(self.feats, max(k, *self.scorer.model.config.search.ks))
+            log.info("search: bank neighbours of %d pseudo-validation patches (K=%d) in %.1f s",
+                     self.found.indices.shape[0], self.found.indices.shape[1], time.perf_counter() - start)
+        return self.found
+
+    def __call__(self, tau: int, k: int | None, steps: int) -> tuple[float, float | None]:
+        pseudo, search = self.pseudo, self.scorer.model.config.search
         method: Method = "lafite" if k is not None else "lafite_no_edit"
         start = time.perf_counter()
-        if k is not None and not found:
-            found.append(scorer.neighbours(feats, max(search.ks)))
-            log.info("search: bank neighbours of %d pseudo-validation patches (K=%d) in %.1f s",
-                     found[0].indices.shape[0], max(search.ks), time.perf_counter() - start)
-        out = scorer.score(feats, method, pseudo.seeds, tau=tau, k=k, found=found[0] if k is not None else None,
-                           steps=steps)
+        found = self.neighbours(k) if k is not None else None
+        out = self.scorer.score(self.feats, method, pseudo.seeds, tau=tau, k=k, found=found, steps=steps)
+        self.scores[(tau, k, steps)] = out.scores.numpy()
         img, pix = [], []
         for key in np.unique(pseudo.categories):
             sel = pseudo.categories == key
@@ -375,12 +385,19 @@ def pseudo_evaluator(scorer: Scorer, pseudo: PseudoValidation, progress: Progres
                                          out.maps.numpy()[sel], with_aupro=False)
             img.append(m.image_auroc)
             pix.append(m.pixel_auroc)
-        calls[0] += 1
         log.info("search: tau=%d K=%s DDIM steps=%d scored in %.1f s", tau, k, steps, time.perf_counter() - start)
-        progress("search", calls[0], len(search.taus) + len(search.ks) + len(search.ddim_steps))
+        self.progress("search", len(self.scores), len(search.taus) + len(search.ks) + len(search.ddim_steps))
         return float(np.mean(img)), float(np.mean(pix))
 
-    return evaluate
+    def final_scores(self, model: LafiteModel) -> np.ndarray:
+        """LafitE's image scores of the pseudo-validation set with ``model``'s tau, K and steps: those of
+        the search's point when it scored them, else scored now (the bank searched at most once)."""
+        sc = model.config.scoring
+        kept = self.scores.get((sc.tau, sc.k, sc.ddim_steps))
+        if kept is not None:
+            return kept
+        scorer = Scorer(model, self.scorer.device)
+        return scorer.score(self.feats, "lafite", self.pseudo.seeds, found=self.neighbours(sc.k)).scores.numpy()
 
 
 @dataclass(frozen=True)
@@ -428,16 +445,14 @@ def select(
                          "synthesis.holdout_fraction above 0")
     pseudo = PseudoValidation(extract(extractor, images), labels, masks, cats,
                               [cfg.seed * 1_000_003 + i for i in range(len(images))])
-    scorer = Scorer(model, device)
+    evaluator = PseudoEvaluator(Scorer(model, device), pseudo, progress)
     if cfg.search.enabled:
-        search = search_hyperparameters(pseudo_evaluator(scorer, pseudo, progress), cfg.search,
-                                        cfg.scoring.ddim_steps)
+        search = search_hyperparameters(evaluator, cfg.search, cfg.scoring.ddim_steps)
     else:
         log.info("hyperparameter search disabled: tau=%d, K=%d from the config", model.tau, model.k)
         search = SearchResult(model.tau, model.k, ())
     tuned = model.with_hyperparameters(search.tau, search.k, search.ddim_steps)
-    final = Scorer(tuned, device).score(torch.from_numpy(pseudo.features), "lafite", pseudo.seeds)
-    calibration = calibrate(final.scores.numpy(), labels, cats, "lafite")
+    calibration = calibrate(evaluator.final_scores(tuned), labels, cats, "lafite")
     return Selection(tuned, search, pseudo, calibration, bad1 + bad2)
 
 

@@ -104,3 +104,39 @@ def test_model_files_roundtrip_and_scores_agree():
     del broken["bank.npy"]
     with pytest.raises(ValueError, match="incomplete"):
         LafiteModel.from_files(broken)
+
+
+def test_the_calibration_reuses_the_search_point_and_its_neighbours(monkeypatch):
+    """The chosen point's scores come from the search (no extra pass), and a point the search did not
+    score is scored with the search's bank neighbours: identical to a fresh search of the bank."""
+    from lafite_core.method.knn import FaissKNN
+    from lafite_core.stages import PseudoEvaluator, PseudoValidation
+
+    cfg = _cfg().with_updates(features={"levels": None, "local_aggregation": 1}, baseline={"recipe": "shared"},
+                              search={"taus": (50, 100), "ks": (1, 3), "ddim_steps": ()}, scoring={"ddim_steps": 2})
+    x = _features(n=8)
+    st = FeatureStats.fit(x)
+    state = new_state(6, 8, cfg.diffusion, 0, torch.device("cpu"))
+    bank = st.apply(x).permute(0, 2, 3, 1).reshape(-1, 6).numpy()[::5].copy()
+    model = LafiteModel(cfg, st, state.unet.eval(), bank, categories=("d/c",))
+    labels = np.array([0, 0, 0, 0, 1, 1, 1, 1])
+    masks = np.zeros((8, cfg.data.image_size, cfg.data.image_size), bool)
+    masks[4:, :20, :20] = True
+    pseudo = PseudoValidation(x.numpy(), labels, masks, np.array(["d/c"] * 8), list(range(8)))
+    ev = PseudoEvaluator(Scorer(model, "cpu"), pseudo)
+    ev(100, 3, 2)
+    searches = []
+    real_search = FaissKNN.search
+    monkeypatch.setattr(FaissKNN, "search", lambda self, q, k: searches.append(k) or real_search(self, q, k))
+    calls = []
+    real_score = Scorer.score
+    monkeypatch.setattr(Scorer, "score", lambda self, *a, **kw: calls.append(a) or real_score(self, *a, **kw))
+    tuned = model.with_hyperparameters(100, 3, 2)
+    np.testing.assert_array_equal(ev.final_scores(tuned), ev.scores[(100, 3, 2)])
+    assert calls == [] and searches == []
+    other = model.with_hyperparameters(100, 1, 2)  # not scored by the search: scored now, bank not searched again
+    got = ev.final_scores(other)
+    assert len(calls) == 1 and searches == []
+    monkeypatch.undo()
+    fresh = Scorer(other, "cpu").score(torch.from_numpy(pseudo.features), "lafite", pseudo.seeds).scores.numpy()
+    np.testing.assert_allclose(got, fresh, rtol=1e-5, atol=1e-6)
