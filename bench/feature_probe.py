@@ -47,6 +47,16 @@ ROWS: dict[str, dict] = {
     "editing strides 8-16, native 3x3": dict(kind="editing", strides=(8, 16), at="native", keep=0.1),
     "editing strides 8-32, native 3x3": dict(kind="editing", strides=(8, 16, 32), at="native", keep=0.1),
     "editing strides 8-32, 3x3 stored cells": dict(kind="editing", strides=(8, 16, 32), at="stored", keep=0.1),
+    # levels weighted equally (PatchCore's embedding: every level pooled to the same dimension, so each
+    # counts as much in a distance however many channels it has)
+    "patchcore strides 8-16, native 3x3, equal levels": dict(kind="patchcore", strides=(8, 16), at="native",
+                                                             keep=0.01, equal=True),
+    "patchcore strides 8-32, native 3x3, equal levels": dict(kind="patchcore", strides=(8, 16, 32), at="native",
+                                                             keep=0.01, equal=True),
+    "editing strides 8-16, native 3x3, equal levels": dict(kind="editing", strides=(8, 16), at="native", keep=0.1,
+                                                           equal=True),
+    "editing strides 8-32, native 3x3, equal levels": dict(kind="editing", strides=(8, 16, 32), at="native",
+                                                           keep=0.1, equal=True),
 }
 STORED = 32
 
@@ -139,14 +149,24 @@ def view(data: dict, split: str, strides: tuple[int, ...], agg: int, at: str) ->
     return torch.cat(out, 1)
 
 
+def level_scale(data: dict, strides: tuple[int, ...], target: float) -> torch.Tensor:
+    """[1, D, 1, 1]: level l's channels scaled by sqrt(target / (L * C_l)), so that every level weighs the
+    same in a squared distance (PatchCore pools each level to 1024 dims and averages them: target 1024)."""
+    chans = [data[f"train_s{s}"].shape[1] for s in strides]
+    return torch.cat([torch.full((c,), (target / (len(chans) * c)) ** 0.5) for c in chans]).view(1, -1, 1, 1)
+
+
 def run_row(data: dict, size: int, kind: str, strides: tuple[int, ...], keep: float, agg: int = 3,
-            at: str = "native", ks: tuple[int, ...] = (1, 3, 5), score_variants: bool = False
+            at: str = "native", ks: tuple[int, ...] = (1, 3, 5), score_variants: bool = False, equal: bool = False
             ) -> dict[str, tuple[float, float]]:
     train, test = view(data, "train", strides, agg, at), view(data, "test", strides, agg, at)
     d = train.shape[1]
     if kind == "editing":  # LafitE standardises its features per channel
         mu, sd = train.mean((0, 2, 3), keepdim=True), train.std((0, 2, 3), keepdim=True) + 1e-6
         train, test = (train - mu) / sd, (test - mu) / sd
+    if equal:  # raw for PatchCore (its 1024-dim embedding), unit mean square per channel for LafitE
+        w = level_scale(data, strides, 1024.0 if kind == "patchcore" else float(d))
+        train, test = train * w, test * w
     patches = np.ascontiguousarray(train.permute(0, 2, 3, 1).reshape(-1, d).numpy())
     bank = patches[np.sort(select_coreset(patches, CoresetConfig(keep_rate=keep), 0).indices)]
     queries = np.ascontiguousarray(test.permute(0, 2, 3, 1).reshape(-1, d).numpy())
