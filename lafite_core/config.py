@@ -105,6 +105,12 @@ class ScoringConfig(_Frozen):
     smoothing_sigma: float = Field(4.0, ge=0.0, description="Gaussian smoothing of the pixel map")
     image_pool: int = Field(16, ge=1, description="average-pool size before the image-level max")
     batch_size: int = Field(16, ge=1)
+    knn: Literal["exact", "ivf"] = Field(
+        "exact", description="how LafitE's bank is searched for editing: exact (faiss flat), or an inverted file "
+        "(faiss IVF-Flat over k-means lists kept with the model; each query searches ivf_probes lists; CPU only, a "
+        "GPU searches exactly). PatchCore's bank is always searched exactly")
+    ivf_lists: int = Field(0, ge=0, description="inverted lists (0: about sqrt(bank size), >= 32 members a list)")
+    ivf_probes: int = Field(8, ge=1, description="lists each query searches")
 
 
 class SynthesisConfig(_Frozen):
@@ -319,7 +325,9 @@ def cpu_profile() -> PipelineConfig:
             lr=5e-4,
             checkpoint_every=10,
         ),
-        scoring=ScoringConfig(ddim_steps=5, batch_size=16),
+        # LafitE's 10% bank searched through an inverted file: exact search was 676 ms an image on
+        # magnetic_tile (2 cores), the inverted file 34 ms, the editing bound's AUROCs within 0.3 points
+        scoring=ScoringConfig(ddim_steps=5, batch_size=16, knn="ivf"),
         search=SearchConfig(taus=(50, 100, 200, 300, 400), ks=(1, 3, 5, 7), ddim_steps=(1, 2, 3, 5)),
         baseline=BaselineConfig(
             recipe="patchcore", view=ViewConfig(levels=(0, 1), local_aggregation=3, aggregate_at="native")),

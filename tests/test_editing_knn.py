@@ -78,3 +78,75 @@ def test_faiss_search_in_calls_equals_one_call(monkeypatch):
     np.testing.assert_array_equal(parts.indices, whole.indices)
     np.testing.assert_array_equal(parts.distances, whole.distances)
     assert parts.indices.dtype == np.int64 and parts.distances.dtype == np.float32
+
+
+def _clustered(m=4000, d=16, clusters=40, seed=0):
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(clusters, d)) * 4
+    return (centres[rng.integers(0, clusters, m)] + rng.normal(size=(m, d))).astype(np.float32), centres
+
+
+def test_inverted_file_finds_nearly_the_exact_neighbours_and_is_deterministic():
+    from lafite_core.method.knn import ivf_centroids, ivf_lists
+
+    bank, centres = _clustered()
+    rng = np.random.default_rng(5)
+    q = (centres[rng.integers(0, len(centres), 500)] + rng.normal(size=(500, 16))).astype(np.float32)
+    assert ivf_lists(len(bank)) == 63 and ivf_lists(100) == 3 and ivf_lists(10) == 1 and ivf_lists(100, 500) == 100
+    cents = ivf_centroids(bank, ivf_lists(len(bank)), seed=0)
+    assert cents.shape == (63, 16)
+    np.testing.assert_array_equal(cents, ivf_centroids(bank, 63, seed=0))  # seeded: the same lists again
+    exact = FaissKNN(bank).search(q, 5)
+    ivf = FaissKNN(bank, centroids=cents, nprobe=8)
+    assert not ivf.exact and FaissKNN(bank).exact
+    got = ivf.search(q, 5)
+    recall = np.mean([len(set(a) & set(b)) / 5 for a, b in zip(got.indices, exact.indices)])
+    assert recall > 0.9
+    assert (np.diff(got.distances, axis=1) >= 0).all()  # ascending, squared L2 to the returned rows
+    brute = ((q[:, None] - bank[got.indices]) ** 2).sum(-1)
+    np.testing.assert_allclose(got.distances, brute, rtol=1e-4, atol=1e-3)
+    # every list probed: the exact answer
+    full = FaissKNN(bank, centroids=cents, nprobe=63).search(q, 5)
+    np.testing.assert_array_equal(full.indices, exact.indices)
+
+
+def test_inverted_file_falls_back_to_exact_where_probed_lists_are_short():
+    from lafite_core.method.knn import ivf_centroids
+
+    bank, _ = _clustered(m=200, clusters=20)
+    cents = ivf_centroids(bank, 20, seed=0)
+    q = np.random.default_rng(3).normal(size=(50, 16)).astype(np.float32) * 4
+    got = FaissKNN(bank, centroids=cents, nprobe=1).search(q, 30)  # one list of ~10 cannot hold 30
+    assert (got.indices >= 0).all()
+    exact = FaissKNN(bank).search(q, 30)
+    short = [i for i in range(len(q))]
+    np.testing.assert_array_equal(got.indices[short], exact.indices[short])
+    with pytest.raises(ValueError, match="centroids"):
+        FaissKNN(bank, centroids=cents[:, :3])
+
+
+def test_an_ivf_model_keeps_its_centroids_and_scores_the_same_after_loading():
+    from lafite_core.config import cpu_profile
+    from lafite_core.method.model import BANK_CENTROIDS, LafiteModel, Scorer
+    from lafite_core.method.normalize import FeatureStats
+    from lafite_core.method.train import new_state
+
+    cfg = cpu_profile().with_updates(
+        diffusion={"base_channels": 16, "channel_mult": (1, 2), "epochs": 1, "batch_size": 4},
+        backbone={"feature_size": 8}, features={"levels": None, "local_aggregation": 1},
+        baseline={"recipe": "shared"})
+    assert cfg.scoring.knn == "ivf"  # the cpu profile's choice
+    x = torch.randn(12, 6, 8, 8, generator=torch.Generator().manual_seed(0))
+    st = FeatureStats.fit(x)
+    bank = st.apply(x).permute(0, 2, 3, 1).reshape(-1, 6).numpy()[::2].copy()  # 384 members
+    model = LafiteModel(cfg, st, new_state(6, 8, cfg.diffusion, 0, torch.device("cpu")).unet.eval(), bank, ("d/c",))
+    assert model.bank_centroids is not None and model.bank_centroids.shape == (12, 6)
+    files = model.to_files()
+    assert BANK_CENTROIDS in files
+    again = LafiteModel.from_files(files)
+    np.testing.assert_array_equal(again.bank_centroids, model.bank_centroids)
+    a, b = Scorer(model, "cpu"), Scorer(again, "cpu")
+    assert not a.knn.exact
+    torch.testing.assert_close(a.score(x[:3], "lafite", [1, 2, 3]).scores, b.score(x[:3], "lafite", [1, 2, 3]).scores)
+    exact = LafiteModel(cfg.with_updates(scoring={"knn": "exact"}), st, model.unet, bank, ("d/c",))
+    assert exact.bank_centroids is None and BANK_CENTROIDS not in exact.to_files() and Scorer(exact, "cpu").knn.exact

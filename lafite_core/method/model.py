@@ -19,7 +19,7 @@ import torch
 from lafite_core.config import PipelineConfig, config_hash
 from lafite_core.method.ddim import DDIMSampler
 from lafite_core.method.editing import edit_features
-from lafite_core.method.knn import Neighbours, knn_for
+from lafite_core.method.knn import Neighbours, ivf_centroids, ivf_lists, knn_for
 from lafite_core.method.precision import in_precision, resolve_precision
 from lafite_core.method.normalize import FeatureStats
 from lafite_core.method.patchcore import patchcore_maps, patches
@@ -37,7 +37,8 @@ from lafite_core.method.views import apply_view, native_grids
 
 MODEL_FILES = ("unet.pt", "stats.npz", "bank.npy", "model.json")
 BASELINE_BANK = "baseline_bank.npy"  # one more model file, with baseline.recipe "patchcore"
-OPTIONAL_MODEL_FILES = (BASELINE_BANK,)
+BANK_CENTROIDS = "bank_centroids.npy"  # one more, with scoring.knn "ivf": the inverted file's lists
+OPTIONAL_MODEL_FILES = (BASELINE_BANK, BANK_CENTROIDS)
 
 
 def _npy(array: np.ndarray) -> bytes:
@@ -62,10 +63,17 @@ class LafiteModel:
     backbone: dict = field(default_factory=dict)
     extra: dict = field(default_factory=dict)
     baseline_bank: np.ndarray | None = None  # [M', D'] raw PatchCore features (baseline.recipe "patchcore")
+    # [L, D] k-means centroids of ``bank`` (scoring.knn "ivf"): computed once here when not given, saved
+    # with the model, so every process that loads it builds the same inverted file
+    bank_centroids: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         if self.config.baseline.recipe == "patchcore" and self.baseline_bank is None:
             raise ValueError("baseline.recipe is patchcore: the model needs its PatchCore bank (baseline_bank)")
+        sc = self.config.scoring
+        if sc.knn == "ivf" and self.bank_centroids is None:
+            lists = ivf_lists(self.bank.shape[0], sc.ivf_lists)
+            object.__setattr__(self, "bank_centroids", ivf_centroids(self.bank, lists, self.config.seed))
 
     @property
     def tau(self) -> int:
@@ -122,6 +130,8 @@ class LafiteModel:
         }
         if self.baseline_bank is not None:
             files[BASELINE_BANK] = _npy(self.baseline_bank)
+        if self.bank_centroids is not None:
+            files[BANK_CENTROIDS] = _npy(self.bank_centroids)
         return files
 
     @classmethod
@@ -152,6 +162,8 @@ class LafiteModel:
             extra=meta.get("extra", {}),
             baseline_bank=np.load(io.BytesIO(files[BASELINE_BANK]), allow_pickle=False)
             if BASELINE_BANK in files else None,
+            bank_centroids=np.load(io.BytesIO(files[BANK_CENTROIDS]), allow_pickle=False)
+            if BANK_CENTROIDS in files else None,
         )
 
 
@@ -165,7 +177,9 @@ class Scorer:
         self.sampler = DDIMSampler(cosine_schedule(model.config.diffusion.timesteps), model.config.scoring.eta)
         self.precision = resolve_precision(model.config.compute.precision, self.device, "scoring with the U-Net")
         self.eps_model = in_precision(self.model.unet, self.device, self.precision)
-        self.knn = knn_for(model.bank, self.device)
+        sc = model.config.scoring
+        self.knn = knn_for(model.bank, self.device, model.bank_centroids if sc.knn == "ivf" else None,
+                           sc.ivf_probes)
         self.baseline_knn = None if model.baseline_bank is None else knn_for(model.baseline_bank, self.device)
 
     def normalize(self, raw: torch.Tensor) -> torch.Tensor:
