@@ -179,12 +179,10 @@ def _first_of_each(keys: pa.Array) -> pa.Array:
     return pc.is_in(idx["i"], value_set=firsts).combine_chunks()
 
 
-def _sorted_unique(tables: list[pa.Table], key_columns: Sequence[str]) -> tuple[pa.Table, pa.Array]:
-    """Tables concatenated, sorted by URL (stable) and reduced to the first row of each key; and the keys."""
+def _sorted_unique(tables: list[pa.Table], key_columns: Sequence[str]) -> pa.Table:
+    """Tables concatenated, sorted by URL (stable) and reduced to the first row of each key."""
     table = pa.concat_tables(tables).sort_by([("image_url", "ascending")])
-    keys = _row_keys(table, key_columns)
-    keep = _first_of_each(keys)
-    return table.filter(keep), keys.filter(keep)
+    return table.filter(_first_of_each(_row_keys(table, key_columns)))
 
 
 class ScoreLedger:
@@ -329,7 +327,7 @@ class ScoreLedger:
                 if dropped:
                     log.info("%d rows were already merged by another run and are not repeated", dropped)
             if signatures:
-                sig, _ = _sorted_unique(signatures, ("method", "image_url", "content_hash", "listing_signature"))
+                sig = _sorted_unique(signatures, ("method", "image_url", "content_hash", "listing_signature"))
                 self.store.write_table(self._path(SIGNATURES, f"{run_id}.parquet"), sig.cast(SIGNATURES_SCHEMA),
                                        row_group_size=SCORES_ROW_GROUP)
                 log.info("%d images were read again and found unchanged: their new listing signatures are "
