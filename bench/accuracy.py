@@ -46,7 +46,7 @@ from lafite_core.method.metrics import auroc, mean_std_over_seeds, summarize
 from lafite_core.method.model import Scorer
 from lafite_core.pipeline import fit
 from lafite_core.stages import CategoryScores, image_seed, load_all, measure
-from lafite_core.method.scoring import METHODS, AnomalyMaps, Method
+from lafite_core.method.scoring import METHODS, AnomalyMaps, Method, box_mean
 from lafite_core.store.storage import Store, content_hash
 from lafite_core.store.tables import metrics_table
 
@@ -196,9 +196,10 @@ def run_seed(categories: list[Category], tests: list[TestSet], cfg: PipelineConf
             curves.append(CurvePoint(p.stage, "pseudo_validation", p.tau, p.k, p.image_auroc, p.pixel_auroc,
                                      p.ddim_steps))
     if sel.searched and test_curves:
-        # tau and K curves at the steps the search used for them; identical to the final scores when
-        # the model kept those steps
-        steps0, same_steps = cfg.scoring.ddim_steps, model.config.scoring.ddim_steps == cfg.scoring.ddim_steps
+        # tau and K curves at the steps the search used for them (the fewest of search.ddim_steps, or
+        # scoring.ddim_steps when that list is empty); identical to the final scores when the model kept those steps
+        steps0 = min(cfg.search.ddim_steps) if cfg.search.ddim_steps else cfg.scoring.ddim_steps
+        same_steps = model.config.scoring.ddim_steps == steps0
         for tau in cfg.search.taus:
             outs = [scorer.score(ts.features, "lafite_no_edit", sd, tau=tau, steps=steps0)
                     for ts, sd in zip(tests, seeds)]
@@ -248,10 +249,10 @@ def image_score_variants(tests: list[TestSet], cached: dict[str, list[AnomalyMap
             if len(np.unique(ts.labels)) < 2:
                 continue
             name = f"{ts.category.dataset}/{ts.category.name}"
-            maps = o.maps[:, None].float()
+            maps = o.maps.float()
             for pool in IMAGE_POOLS:
                 k = min(pool, maps.shape[-1])
-                scores = torch.nn.functional.avg_pool2d(maps, kernel_size=k, stride=1).flatten(1).max(1).values
+                scores = box_mean(maps, k).flatten(1).max(1).values
                 out.setdefault((method, f"max of {k}x{k} mean" + (" (in use)" if pool == pool_in_use else "")),
                                {})[name] = auroc(ts.labels, scores.numpy())
             flat = maps.flatten(1)
@@ -400,6 +401,12 @@ def markdown(args, results: list[SeedResult], tests: list[TestSet], started: flo
         f"- machine: {mach.line()}",
         f"- total time {(time.perf_counter() - started) / 60:.1f} min "
         f"(per seed: {', '.join('%.0f s' % r.timings['seed_total'] for r in results)})",
+        "- seconds per seed (train = extraction + U-Net + coresets; search = pseudo-validation set, search and "
+        "calibration; test = test curves, then every method's scores and metrics): "
+        + "; ".join(f"seed {r.seed}: train {r.timings.get('extract_train', 0) + r.timings.get('train_and_coreset', 0):.0f}"
+                    f" (U-Net {r.timings.get('train_unet', 0):.0f}), search {r.timings.get('search', 0):.0f}, "
+                    f"test {r.timings.get('test_curves', 0):.0f} + {r.timings.get('test_scoring_and_metrics', 0):.0f}"
+                    for r in results),
         "",
         f"Metrics in %; cells are mean ± sample std over {len(seeds)} seeds"
         + (" (one seed: no std)" if len(seeds) == 1 else "")

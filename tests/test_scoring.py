@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 import torch
 
 from lafite_core.method.ddim import DDIMSampler
@@ -63,3 +64,36 @@ def test_lafite_errors_zero_with_perfect_model_and_deterministic():
     # editing is applied before noising: an editor that zeroes the input changes the result
     d = lafite_errors(x0, zero, DDIMSampler(s), 300, 5, [1, 2], lambda x: torch.zeros_like(x))
     assert not torch.allclose(a, d)
+
+
+def test_a_wider_image_pool_ranks_a_spread_defect_above_a_lone_spike():
+    """The cpu profile's 32 x 32 pool (the paper profile keeps 16): the image score favours errors that
+    cover a region over one bright patch, which a 16 x 16 pool still ranks first."""
+    from lafite_core.config import cpu_profile, paper_profile
+
+    assert cpu_profile().scoring.image_pool == 32 and paper_profile().scoring.image_pool == 16
+    err = torch.zeros(2, 32, 32)
+    err[0, 16, 16] = 10.0  # one bright feature cell
+    err[1, 12:17, 12:17] = 0.8  # a 5 x 5-cell region of moderate error
+    s16 = to_anomaly_maps(err, 224, 4.0, 16).scores
+    s32 = to_anomaly_maps(err, 224, 4.0, 32).scores
+    assert s16[0] > s16[1] and s32[1] > s32[0]
+    # a pool larger than the map is the map's mean
+    small = to_anomaly_maps(err, 24, 0.0, 32)
+    torch.testing.assert_close(small.scores, small.maps.flatten(1).mean(1))
+
+
+def test_box_mean_equals_average_pooling_at_every_size():
+    from lafite_core.method.scoring import box_mean
+
+    g = torch.Generator().manual_seed(0)
+    maps = torch.rand(3, 40, 37, generator=g) * 50 + 1000  # large values: the table's sums must not lose them
+    for k in (1, 2, 7, 16, 32, 37):
+        ref = torch.nn.functional.avg_pool2d(maps[:, None].double(), k, stride=1)[:, 0].float()
+        out = box_mean(maps, k)
+        assert out.shape == ref.shape and out.dtype == maps.dtype
+        torch.testing.assert_close(out, ref, rtol=3e-7, atol=0)  # float32 rounding of the exact mean
+    with pytest.raises(ValueError, match="does not fit"):
+        box_mean(maps, 38)
+    with pytest.raises(ValueError, match="does not fit"):
+        box_mean(maps, 0)

@@ -51,11 +51,28 @@ def gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
     return x[:, 0]
 
 
+def box_mean(maps: torch.Tensor, k: int) -> torch.Tensor:
+    """Mean of every k x k window of [B, H, W] (stride 1, no padding) -> [B, H - k + 1, W - k + 1].
+
+    Equals ``F.avg_pool2d(maps[:, None], k, stride=1)[:, 0]`` (within float32 rounding) at a cost that
+    does not grow with k: a summed-area table, accumulated in float64 so that the differences of large
+    sums keep float32 precision. avg_pool2d sums k * k values for every output pixel: 59 ms an image
+    at k = 32 on one CPU core here, more than LafitE's U-Net; this takes well under 1 ms.
+    """
+    if not 1 <= k <= min(maps.shape[-2:]):
+        raise ValueError(f"a {k} x {k} window does not fit maps of {tuple(maps.shape[-2:])}")
+    c = F.pad(maps.double().cumsum(-1), (1, 0))
+    rows = c[..., k:] - c[..., :-k]
+    c = F.pad(rows.cumsum(-2), (0, 0, 1, 0))
+    return ((c[..., k:, :] - c[..., :-k, :]) / (k * k)).to(maps.dtype)
+
+
 def to_anomaly_maps(errors: torch.Tensor, image_size: int, sigma: float, pool: int) -> AnomalyMaps:
-    """Feature-level errors [B, h, w] -> AnomalyMaps (eq. 12 and the image-level score)."""
+    """Feature-level errors [B, h, w] -> AnomalyMaps (eq. 12 and the image-level score: the maximum of
+    the map averaged over ``pool`` x ``pool`` pixels, or over the whole map when it is smaller)."""
     up = F.interpolate(errors[:, None], size=(image_size, image_size), mode="bilinear", align_corners=False)
     maps = gaussian_blur(up[:, 0], sigma)
-    pooled = F.avg_pool2d(maps[:, None], kernel_size=min(pool, image_size), stride=1)
+    pooled = box_mean(maps, min(pool, image_size))
     return AnomalyMaps(maps, pooled.flatten(1).max(1).values)
 
 
