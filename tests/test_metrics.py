@@ -117,6 +117,18 @@ def test_rank_path_matches_sklearn_at_the_threshold_size() -> None:
     assert average_precision(labels, scores) == pytest.approx(average_precision_score(labels, scores), abs=1e-9)
 
 
+def test_auroc_and_average_precision_sort_once_and_match_each_metric(monkeypatch: pytest.MonkeyPatch) -> None:
+    labels, scores = _tied_pixels(4, metrics._FAST_PATH_MIN_SAMPLES, 3)
+    expected = (auroc(labels, scores), average_precision(labels, scores))
+    sorts = []
+    real = metrics._ranked_counts
+    monkeypatch.setattr(metrics, "_ranked_counts", lambda y, s: sorts.append(1) or real(y, s))
+    assert metrics.auroc_and_average_precision(labels, scores) == expected
+    assert len(sorts) == 1
+    small = (labels[:5000], scores[:5000])  # below the threshold: scikit-learn's, as each metric
+    assert metrics.auroc_and_average_precision(*small) == (auroc(*small), average_precision(*small))
+
+
 def test_large_inputs_take_the_rank_path(monkeypatch: pytest.MonkeyPatch) -> None:
     def unused(*args, **kwargs):
         raise AssertionError("scikit-learn was called above the fast-path threshold")

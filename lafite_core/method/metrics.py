@@ -82,9 +82,11 @@ def _ranked_counts(y: np.ndarray, s: np.ndarray) -> tuple[np.ndarray, np.ndarray
     return tps.astype(np.float64), fps.astype(np.float64)
 
 
-def _rank_auroc(y: np.ndarray, s: np.ndarray) -> float:
-    """AUROC of checked flat bool labels [M] and scores [M]: trapezoids over the tie groups."""
-    tps, fps = _ranked_counts(y, s)
+def _rank_auroc(y: np.ndarray, s: np.ndarray, counts: tuple[np.ndarray, np.ndarray] | None = None) -> float:
+    """AUROC of checked flat bool labels [M] and scores [M]: trapezoids over the tie groups.
+
+    ``counts``: their :func:`_ranked_counts`, when already computed (the sort is the whole cost)."""
+    tps, fps = counts if counts is not None else _ranked_counts(y, s)
     d_fps = np.diff(fps, prepend=0.0)
     tps_prev = np.concatenate(([0.0], tps[:-1]))
     # Trapezoids in count units: every term is an exact integer below 2**53 for < ~10**8 samples.
@@ -92,9 +94,10 @@ def _rank_auroc(y: np.ndarray, s: np.ndarray) -> float:
     return area / (2.0 * tps[-1] * fps[-1])
 
 
-def _rank_average_precision(y: np.ndarray, s: np.ndarray) -> float:
+def _rank_average_precision(y: np.ndarray, s: np.ndarray,
+                            counts: tuple[np.ndarray, np.ndarray] | None = None) -> float:
     """AP of checked flat bool labels [M] and scores [M]: precision at each tie group's end."""
-    tps, fps = _ranked_counts(y, s)
+    tps, fps = counts if counts is not None else _ranked_counts(y, s)
     d_tps = np.diff(tps, prepend=0.0)
     precision = tps / (tps + fps)
     return float(np.dot(d_tps, precision) / tps[-1])
@@ -121,6 +124,16 @@ def average_precision(labels: npt.ArrayLike, scores: npt.ArrayLike) -> float:
     if y.size >= _FAST_PATH_MIN_SAMPLES:
         return _rank_average_precision(y, s)
     return float(sk_metrics.average_precision_score(y, s))
+
+
+def auroc_and_average_precision(labels: npt.ArrayLike, scores: npt.ArrayLike) -> tuple[float, float]:
+    """:func:`auroc` and :func:`average_precision` of the same inputs, sorting them once (pixel
+    metrics: millions of samples, where the sort is the whole cost of either)."""
+    y, s = _binary_labels(labels, scores)
+    if y.size >= _FAST_PATH_MIN_SAMPLES:
+        counts = _ranked_counts(y, s)
+        return _rank_auroc(y, s, counts), _rank_average_precision(y, s, counts)
+    return float(sk_metrics.roc_auc_score(y, s)), float(sk_metrics.average_precision_score(y, s))
 
 
 class RocCurve(NamedTuple):
@@ -307,11 +320,12 @@ def compute_category_metrics(
         raise ValueError(f"masks must be [N, H, W] with N = {labels.shape[0]} images, got shape {m.shape}")
     if a.shape != m.shape:
         raise ValueError(f"maps have shape {a.shape} but masks have shape {m.shape}; resize the maps to the masks")
+    pixel_auroc, pixel_ap = auroc_and_average_precision(m, a)
     return CategoryMetrics(
         image_auroc=image_auroc,
         image_ap=image_ap,
-        pixel_auroc=auroc(m, a),
-        pixel_ap=average_precision(m, a),
+        pixel_auroc=pixel_auroc,
+        pixel_ap=pixel_ap,
         aupro=aupro(m, a, fpr_limit) if with_aupro else None,
     )
 
