@@ -12,6 +12,11 @@ Sections (``--only`` picks some):
 - ``scoring``: Scorer images/s (from features) of LafitE at 1, 5, 10, 25 DDIM steps against
   the PatchCore baseline on the same features, with a cpu-profile model trained here for a few
   epochs on real images (or ``--store``/``--model-version``).
+- ``search``: the pseudo-validation search (``stages.select``: build and extract the pseudo-validation
+  set, search tau, K and DDIM steps, calibrate) with the model's own config against one LafitE pass
+  over the same pseudo-validation features at the chosen point (bank neighbours, U-Net, maps and the
+  search's metrics). Target: the search in at most 3x the pass. Use a real model (``--store``) on its
+  own categories; the per-stage seconds come from the search's own records.
 - ``ray``: batch scoring through ``tasks.scoring.score_shard_body`` as Ray tasks, 1 vs 2 concurrent
   workers over the same shards (torch and faiss at 1 thread per worker). Target: speedup >= 1.6.
 - ``training``: cpu-profile U-Net training time per epoch per 1,000 images on random features.
@@ -48,7 +53,7 @@ import torch
 
 from common import SHARED_DATA, Ticker, machine, out_stem, write_json, write_text
 
-SECTIONS = ("extraction", "knn", "coreset", "scoring", "ray", "training", "endtoend")
+SECTIONS = ("extraction", "knn", "coreset", "scoring", "search", "ray", "training", "endtoend")
 CHILD_FLAG = "--coreset-child"
 
 
@@ -420,6 +425,43 @@ def bench_pooling(image_size: int, pools=(16, 32), batch: int = 16, reps: int = 
     return rows
 
 
+def bench_search(trained: Trained, categories, extractor) -> dict:
+    """The search as ``fit`` runs it on the model's categories, against one pass at its chosen point."""
+    from lafite_core.method.metrics import compute_category_metrics
+    from lafite_core.method.model import Scorer
+    from lafite_core.stages import plan_training, select
+
+    model = trained.model
+    plan = plan_training(categories, model.config)
+    t0 = time.perf_counter()
+    sel = select(model, extractor, plan.holdout, plan.fit, device="cpu")
+    total = time.perf_counter() - t0
+    stages = {st: sum(p.seconds for p in sel.search.points if p.stage == st) for st in ("tau", "k", "steps")}
+    pseudo, tuned = sel.pseudo, sel.model
+    feats = torch.from_numpy(pseudo.features)
+
+    def one_pass():
+        scorer = Scorer(tuned, "cpu")
+        found = scorer.neighbours(feats, tuned.k)
+        out = scorer.score(feats, "lafite", pseudo.seeds, found=found)
+        for key in np.unique(pseudo.categories):
+            sel_ = pseudo.categories == key
+            if len(np.unique(pseudo.labels[sel_])) == 2:
+                compute_category_metrics(pseudo.labels[sel_], out.scores.numpy()[sel_], pseudo.masks[sel_],
+                                         out.maps.numpy()[sel_], with_aupro=False)
+
+    pass_s = min(timed(one_pass)[0] for _ in range(2))
+    search_s = sum(stages.values())
+    row = {"pseudo_images": int(len(pseudo.labels)), "points": len(sel.search.points), "select_seconds": total,
+           "search_seconds": search_s, "stage_seconds": stages, "pass_seconds": pass_s,
+           "ratio": search_s / pass_s, "chosen": {"tau": tuned.tau, "k": tuned.k,
+                                                  "ddim_steps": tuned.config.scoring.ddim_steps},
+           "u_net_passes": sum(p.ddim_steps for p in sel.search.points if p.seconds > 0), "target": 3.0}
+    log(f"  search: {search_s:.1f} s over {row['points']} points ({row['u_net_passes']} U-Net passes) vs one pass "
+        f"{pass_s:.1f} s: {row['ratio']:.1f}x")
+    return row
+
+
 # --------------------------------------------------------------------------- Ray
 
 
@@ -644,6 +686,18 @@ def markdown(res: dict, quick: bool) -> str:
                 "5, ms an image): " + "; ".join(
                     f"k = {r['pool']}: avg_pool2d {r['avg_pool2d_ms']:.2f} vs summed-area table {r['box_mean_ms']:.2f} "
                     f"({r['avg_pool2d_ms'] / r['box_mean_ms']:.0f}x)" for r in pl), ""]
+    if (r := res.get("search")):
+        ok = "meets" if r["ratio"] <= r["target"] else "MISSES"
+        st = r["stage_seconds"]
+        out += ["## Search vs one scoring pass", "",
+                f"Model: {res['model_source']}. Pseudo-validation set of {r['pseudo_images']} images; `stages.select` "
+                f"took {r['select_seconds']:.1f} s (building and extracting the set, the search, the calibration). "
+                f"The search: {r['points']} points, {r['u_net_passes']} U-Net passes, tau {st['tau']:.1f} s, K "
+                f"{st['k']:.1f} s (with the bank neighbours, searched once), DDIM steps {st['steps']:.1f} s; chosen "
+                f"tau {r['chosen']['tau']}, K {r['chosen']['k']}, {r['chosen']['ddim_steps']} step(s).", "",
+                "| search (s) | one pass at the chosen point (s) | ratio | target |", "|---|---|---|---|",
+                f"| {r['search_seconds']:.1f} | {r['pass_seconds']:.1f} | {r['ratio']:.1f} | <= {r['target']:g} ({ok}) |",
+                ""]
     if (r := res.get("ray")):
         ok = "meets" if r["speedup"] >= r["target"] else "MISSES"
         out += ["## Ray batch scoring", "",
@@ -719,7 +773,7 @@ def main(argv=None) -> int:
                  "malloc_env": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")}}
     tmp = Path(tempfile.mkdtemp(prefix="lafite-speed-"))
     try:
-        need_data = {"extraction", "scoring", "ray", "endtoend"} & set(args.only)
+        need_data = {"extraction", "scoring", "search", "ray", "endtoend"} & set(args.only)
         if need_data:
             from lafite_core.method.backbone import FeatureExtractor
             from lafite_core.config import cpu_profile
@@ -737,14 +791,21 @@ def main(argv=None) -> int:
         if "coreset" in args.only:
             log("coreset ...")
             res["coreset"] = [asdict(r) for r in bench_coreset(sizes)]
-        if {"scoring", "ray", "endtoend"} & set(args.only):
+        if {"scoring", "search", "ray", "endtoend"} & set(args.only):
             trained = trained_model(args, categories, sizes, extractor, tmp)
             res["model_source"] = trained.source
             res["scoring_batch"] = trained.model.config.scoring.batch_size
+            if args.store:  # a real model scores (and searches) its own categories only
+                categories = [c for c in categories if c.key in trained.model.categories]
+                if not categories:
+                    raise SystemExit(f"none of the model's categories {trained.model.categories} is under {root}")
             if "scoring" in args.only:
                 log("scoring ...")
                 res["scoring"] = [asdict(r) for r in bench_scoring(trained, categories, extractor, sizes)]
                 res["pooling"] = bench_pooling(trained.model.config.data.image_size)
+            if "search" in args.only:
+                log("search ...")
+                res["search"] = bench_search(trained, categories, extractor)
             if "ray" in args.only:
                 log("ray ...")
                 res["ray"] = asdict(bench_ray(trained, categories, sizes))
