@@ -47,6 +47,7 @@ from lafite_core.method.model import Scorer
 from lafite_core.pipeline import fit
 from lafite_core.stages import CategoryScores, image_seed, load_all, measure
 from lafite_core.method.scoring import METHODS, AnomalyMaps, Method, box_mean
+from lafite_core.method.search import first_stages_steps
 from lafite_core.store.storage import Store, content_hash
 from lafite_core.store.tables import metrics_table
 
@@ -196,9 +197,9 @@ def run_seed(categories: list[Category], tests: list[TestSet], cfg: PipelineConf
             curves.append(CurvePoint(p.stage, "pseudo_validation", p.tau, p.k, p.image_auroc, p.pixel_auroc,
                                      p.ddim_steps))
     if sel.searched and test_curves:
-        # tau and K curves at the steps the search used for them (the fewest of search.ddim_steps, or
-        # scoring.ddim_steps when that list is empty); identical to the final scores when the model kept those steps
-        steps0 = min(cfg.search.ddim_steps) if cfg.search.ddim_steps else cfg.scoring.ddim_steps
+        # tau and K curves at the steps the search used for them; identical to the final scores when
+        # the model kept those steps
+        steps0 = first_stages_steps(cfg.search, cfg.scoring.ddim_steps)
         same_steps = model.config.scoring.ddim_steps == steps0
         for tau in cfg.search.taus:
             outs = [scorer.score(ts.features, "lafite_no_edit", sd, tau=tau, steps=steps0)

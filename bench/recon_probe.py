@@ -44,7 +44,6 @@ from lafite_core.datapath.features import extract  # noqa: E402
 from lafite_core.method.backbone import FeatureExtractor  # noqa: E402
 from lafite_core.method.metrics import auroc  # noqa: E402
 from lafite_core.method.model import Scorer  # noqa: E402
-from lafite_core.method.patchcore import patches  # noqa: E402
 from lafite_core.method.scoring import to_anomaly_maps  # noqa: E402
 from lafite_core.stages import image_seed, load_all, load_published  # noqa: E402
 from lafite_core.store.storage import Store  # noqa: E402
@@ -102,11 +101,8 @@ def main(argv=None) -> None:
             out.append(fn(scorer.normalize(raw[s : s + sc.batch_size]), seeds[s : s + sc.batch_size]).cpu().numpy())
         return np.concatenate(out)
 
-    def nearest(x0, _seeds):
-        b, _, h, w = x0.shape
-        return torch.from_numpy(np.sqrt(np.maximum(scorer.knn.search(patches(x0), 1).distances[:, 0], 0))).view(b, h, w)
-
-    d_nn = per_batch(nearest)
+    h, w = scorer.normalize(raw[:1]).shape[-2:]
+    d_nn = np.sqrt(np.maximum(scorer.neighbours(raw, 1).distances[:, 0], 0)).reshape(len(loaded), h, w)
     cells = patch_labels(masks, *d_nn.shape[1:])
 
     def image_auroc(err: np.ndarray) -> float:

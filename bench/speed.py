@@ -426,10 +426,10 @@ def bench_pooling(image_size: int, pools=(16, 32), batch: int = 16, reps: int = 
 
 
 def bench_search(trained: Trained, categories, extractor) -> dict:
-    """The search as ``fit`` runs it on the model's categories, against one pass at its chosen point."""
-    from lafite_core.method.metrics import compute_category_metrics
+    """The search as ``fit`` runs it on the model's categories, against one pass at its chosen point
+    (a fresh ``PseudoEvaluator``: the bank neighbours, the U-Net, the maps and the search's metrics)."""
     from lafite_core.method.model import Scorer
-    from lafite_core.stages import plan_training, select
+    from lafite_core.stages import PseudoEvaluator, plan_training, select
 
     model = trained.model
     plan = plan_training(categories, model.config)
@@ -437,22 +437,14 @@ def bench_search(trained: Trained, categories, extractor) -> dict:
     sel = select(model, extractor, plan.holdout, plan.fit, device="cpu")
     total = time.perf_counter() - t0
     stages = {st: sum(p.seconds for p in sel.search.points if p.stage == st) for st in ("tau", "k", "steps")}
-    pseudo, tuned = sel.pseudo, sel.model
-    feats = torch.from_numpy(pseudo.features)
+    tuned = sel.model
 
     def one_pass():
-        scorer = Scorer(tuned, "cpu")
-        found = scorer.neighbours(feats, tuned.k)
-        out = scorer.score(feats, "lafite", pseudo.seeds, found=found)
-        for key in np.unique(pseudo.categories):
-            sel_ = pseudo.categories == key
-            if len(np.unique(pseudo.labels[sel_])) == 2:
-                compute_category_metrics(pseudo.labels[sel_], out.scores.numpy()[sel_], pseudo.masks[sel_],
-                                         out.maps.numpy()[sel_], with_aupro=False)
+        PseudoEvaluator(Scorer(tuned, "cpu"), sel.pseudo)(tuned.tau, tuned.k, tuned.config.scoring.ddim_steps)
 
     pass_s = min(timed(one_pass)[0] for _ in range(2))
     search_s = sum(stages.values())
-    row = {"pseudo_images": int(len(pseudo.labels)), "points": len(sel.search.points), "select_seconds": total,
+    row = {"pseudo_images": int(len(sel.pseudo.labels)), "points": len(sel.search.points), "select_seconds": total,
            "search_seconds": search_s, "stage_seconds": stages, "pass_seconds": pass_s,
            "ratio": search_s / pass_s, "chosen": {"tau": tuned.tau, "k": tuned.k,
                                                   "ddim_steps": tuned.config.scoring.ddim_steps},

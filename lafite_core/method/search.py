@@ -50,6 +50,12 @@ class SearchResult:
         return p.ddim_steps == self.ddim_steps
 
 
+def first_stages_steps(cfg: SearchConfig, ddim_steps: int) -> int:
+    """The DDIM steps the tau and K stages run at: the fewest of ``cfg.ddim_steps``, or ``ddim_steps``
+    (the configured scoring steps) when that list is empty."""
+    return min(cfg.ddim_steps) if cfg.ddim_steps else ddim_steps
+
+
 Evaluate = Callable[[int, int | None, int], tuple[float, float | None]]
 """(tau, k or None for no editing, DDIM steps) -> (mean image AUROC, mean pixel AUROC or None)."""
 
@@ -62,8 +68,7 @@ def search_hyperparameters(evaluate: Evaluate, cfg: SearchConfig, ddim_steps: in
     if not cfg.taus or not cfg.ks:
         raise ValueError("the search needs at least one tau and one K")
     points: list[SearchPoint] = []
-    if cfg.ddim_steps:
-        ddim_steps = min(cfg.ddim_steps)
+    ddim_steps = first_stages_steps(cfg, ddim_steps)
 
     def run(stage: Literal["tau", "k", "steps"], tau: int, k: int | None, steps: int) -> SearchPoint:
         start = time.perf_counter()
