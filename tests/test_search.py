@@ -51,6 +51,36 @@ def test_steps_keep_the_fewest_within_the_tolerance_of_the_best(tolerance, chose
     assert {"seconds", "ddim_steps"} <= set(table[0])
 
 
+@pytest.mark.parametrize("patience, scored, chosen", [
+    (1, [2], 1),  # 2 steps do not beat 1 by more than the tolerance: nothing dearer is scored
+    (2, [2, 3, 5, 10], 3),  # 3 beats the best by more than the tolerance and restarts the count; 20 never runs
+    (0, [5, 2, 3, 10, 20], 20),  # no patience: every count in the given order, and the late jump is found
+])
+def test_steps_patience_stops_before_the_dearest_counts(patience, scored, chosen):
+    steps_auroc = {1: 0.90, 2: 0.902, 3: 0.95, 5: 0.951, 10: 0.952, 20: 0.99}
+    calls = []
+
+    def evaluate(tau, k, steps):
+        calls.append(steps)
+        if k is None:
+            return 0.8, 0.5
+        return (0.90 if steps == 1 else steps_auroc[steps]), 0.6
+
+    cfg = SearchConfig(taus=(50,), ks=(3,), ddim_steps=(5, 2, 3, 1, 10, 20), steps_patience=patience)
+    r = search_hyperparameters(evaluate, cfg, ddim_steps=5)
+    assert calls[2:] == scored  # after the tau and K points (at 1 step)
+    assert r.ddim_steps == chosen
+    # every scored count is recorded (the reused 1-step point too), none that was skipped
+    assert sorted(p.ddim_steps for p in r.points if p.stage == "steps") == sorted([1, *scored])
+
+
+def test_the_cpu_profile_stops_its_steps_stage_early():
+    from lafite_core.config import load_profile
+
+    assert load_profile("cpu").search.steps_patience == 1
+    assert load_profile("paper").search.steps_patience == 0
+
+
 def test_step_counts_must_be_positive():
     with pytest.raises(ValidationError, match="DDIM step count"):
         SearchConfig(ddim_steps=(0, 2))

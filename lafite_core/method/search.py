@@ -4,7 +4,10 @@ tau is chosen without editing ("LafitE w/o F.E.") by the mean per-category detec
 pseudo-validation set; K is then chosen with editing at that tau. Ties go to the earlier grid entry.
 Last, when ``search.ddim_steps`` lists step counts, LafitE is scored at that tau and K with each, and
 the fewest steps whose detection AUROC is within ``search.steps_tolerance`` of the best step count's
-are kept (the scoring cost is about proportional to the steps). With such a list, the tau and K
+are kept (the scoring cost is about proportional to the steps). With ``search.steps_patience`` n >= 1
+the counts are walked fewest first and the stage stops after n consecutive counts that do not beat the
+best so far by more than the tolerance: more steps cost more, so the ones not reached are the dearest
+(the same rule then picks among the counts scored). With such a list, the tau and K
 stages themselves run at its fewest steps (the cheapest point; the steps stage then reuses it), so
 the nine or so points of the first two stages cost a fraction of a pass each instead of a pass at the
 profile's steps. Every evaluated point is recorded, with the seconds it took.
@@ -83,13 +86,24 @@ def search_hyperparameters(evaluate: Evaluate, cfg: SearchConfig, ddim_steps: in
     assert best.k is not None
     chosen_steps = ddim_steps
     if cfg.ddim_steps:
-        step_points = []
-        for steps in cfg.ddim_steps:
+        step_points: list[SearchPoint] = []
+        order = sorted(cfg.ddim_steps) if cfg.steps_patience else cfg.ddim_steps
+        stale = 0  # consecutive counts that did not beat the best so far by more than the tolerance
+        for steps in order:
             if steps == ddim_steps:  # already scored at (best tau, best K): record it, do not rescore
                 points.append(SearchPoint("steps", best_tau, best.k, steps, best.image_auroc, best.pixel_auroc, 0.0))
-                step_points.append(points[-1])
             else:
-                step_points.append(run("steps", best_tau, best.k, steps))
+                run("steps", best_tau, best.k, steps)
+            if step_points and points[-1].image_auroc <= max(p.image_auroc for p in step_points) + cfg.steps_tolerance:
+                stale += 1
+            else:
+                stale = 0
+            step_points.append(points[-1])
+            if cfg.steps_patience and stale >= cfg.steps_patience and steps != order[-1]:
+                log.info("search: DDIM steps stage stopped after %d step(s): %d count(s) in a row did not beat the "
+                         "best by more than %.3f; %s not scored", steps, stale, cfg.steps_tolerance,
+                         [s for s in order if s > steps])
+                break
         top = max(p.image_auroc for p in step_points)
         chosen_steps = min(p.ddim_steps for p in step_points if p.image_auroc >= top - cfg.steps_tolerance)
     for stage in ("tau", "k", "steps"):
