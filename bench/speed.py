@@ -53,7 +53,7 @@ import torch
 
 from common import SHARED_DATA, Ticker, machine, out_stem, write_json, write_text
 
-SECTIONS = ("extraction", "knn", "coreset", "scoring", "search", "ray", "training", "endtoend")
+SECTIONS = ("extraction", "knn", "coreset", "scoring", "compile", "search", "ray", "training", "endtoend")
 CHILD_FLAG = "--coreset-child"
 
 
@@ -75,11 +75,12 @@ class Sizes:
     train_epochs: int
     jpeg_dump_images: int
     dump_images: int  # end to end
+    compile_images: int  # torch.compile vs eager: images scored from features, compile time included
 
 
 FULL = Sizes(None, 2, (5_000, 50_000), 32_768, (1, 16), (100_000, 400_000, 1_600_000, 3_700_000), None, 2, 97,
-             (1, 5, 10, 25), 96, 4, 256, 3, 128, 600)
-QUICK = Sizes(24, 1, (5_000, 50_000), 2_048, (1, 2), (20_000, 40_000), 6, 1, 4, (1, 5), 8, 4, 16, 2, 8, 24)
+             (1, 5, 10, 25), 96, 4, 256, 3, 128, 600, 1_000)
+QUICK = Sizes(24, 1, (5_000, 50_000), 2_048, (1, 2), (20_000, 40_000), 6, 1, 4, (1, 5), 8, 4, 16, 2, 8, 24, 32)
 
 PATCHES_PER_IMAGE = 1024
 DIM = 192
@@ -403,6 +404,51 @@ def bench_scoring(trained: Trained, categories, extractor, sizes: Sizes) -> list
     return rows
 
 
+def bench_compile(trained: Trained, categories, extractor, sizes: Sizes) -> dict:
+    """LafitE scoring from features with the U-Net eager vs ``torch.compile``d (inductor, default mode),
+    the compile time counted: ``sizes.compile_images`` images (the test images' features repeated),
+    in the model's batches, at its DDIM steps; and how far the scores move."""
+    from lafite_core.datapath.features import extract
+    from lafite_core.method.model import Scorer
+    from lafite_core.stages import image_seed, load_all
+
+    model = trained.model
+    tests = [s for c in categories for s in c.test][: sizes.scoring_images]
+    loaded, _ = load_all(tests, model.config)
+    base = torch.from_numpy(extract(extractor, [s.image for s in loaded]))
+    reps = -(-sizes.compile_images // len(base))
+    feats = base.repeat(reps, 1, 1, 1)[: sizes.compile_images]
+    seeds = [image_seed(0, loaded[i % len(loaded)].content_hash) for i in range(len(feats))]
+    batch = model.config.scoring.batch_size
+
+    def run(scorer) -> tuple[float, float, torch.Tensor]:
+        """Seconds for the first batch, seconds for the whole set (first batch included), scores."""
+        t0 = time.perf_counter()
+        first = scorer.score(feats[:batch], "lafite", seeds[:batch]).scores
+        t_first = time.perf_counter() - t0
+        rest = scorer.score(feats[batch:], "lafite", seeds[batch:]).scores
+        return t_first, time.perf_counter() - t0, torch.cat([first, rest])
+
+    eager = Scorer(model, "cpu")
+    eager.score(feats[:2], "lafite", seeds[:2])  # warm-up: the eager path's allocator and faiss, not compiled
+    e_first, e_total, e_scores = run(eager)
+    compiled = Scorer(model, "cpu")
+    compiled.eps_model = torch.compile(model.unet)
+    c_first, c_total, c_scores = run(compiled)
+    n = len(feats)
+    row = {"images": n, "ddim_steps": model.config.scoring.ddim_steps, "batch": batch,
+           "eager_seconds": e_total, "compiled_seconds": c_total, "compiled_first_batch_seconds": c_first,
+           "eager_first_batch_seconds": e_first,
+           "eager_steady_images_per_s": (n - batch) / (e_total - e_first),
+           "compiled_steady_images_per_s": (n - batch) / (c_total - c_first),
+           "max_abs_score_difference": float((e_scores - c_scores).abs().max()),
+           "max_score": float(e_scores.abs().max()), "wins": c_total < e_total}
+    log(f"  torch.compile: eager {e_total:.1f} s vs compiled {c_total:.1f} s for {n} images (first batch "
+        f"{c_first:.1f} s with the compile); steady {row['eager_steady_images_per_s']:.1f} vs "
+        f"{row['compiled_steady_images_per_s']:.1f} img/s; scores differ by at most {row['max_abs_score_difference']:.2e}")
+    return row
+
+
 def bench_pooling(image_size: int, pools=(16, 32), batch: int = 16, reps: int = 5) -> list[dict]:
     """The image score's window mean on a batch of [batch, S, S] maps: torch's avg_pool2d (k * k sums per
     pixel, what the score used before) against ``scoring.box_mean`` (a summed-area table), ms an image."""
@@ -607,7 +653,8 @@ def bench_endtoend(trained: Trained, categories, sizes: Sizes, tmp: Path) -> lis
                 raise RuntimeError(f"{' '.join(cmd)} failed ({done.returncode}):\n{done.stderr[-3000:]}")
             log(f"  {method}, {n} images: {times[n]:.1f} s")
         rows = read_score_tables(Store(trained.store_url), trained.version).to_pydict()
-        scored = sum(m == method and e is None for m, e in zip(rows["method"], rows["error"]))
+        scored = sum(m == method and e is None and str(tmp) in u  # this run's dumps, not a --store's older rows
+                     for m, e, u in zip(rows["method"], rows["error"], rows["image_url"]))
         if scored != small_n + sizes.dump_images:
             raise RuntimeError(f"{method}: {scored} of {small_n + sizes.dump_images} images scored")
         n = sizes.dump_images
@@ -714,6 +761,18 @@ def markdown(res: dict, quick: bool) -> str:
                 "5, ms an image): " + "; ".join(
                     f"k = {r['pool']}: avg_pool2d {r['avg_pool2d_ms']:.2f} vs summed-area table {r['box_mean_ms']:.2f} "
                     f"({r['avg_pool2d_ms'] / r['box_mean_ms']:.0f}x)" for r in pl), ""]
+    if (r := res.get("compile")):
+        verdict = "wins" if r["wins"] else "loses: not kept as a setting"
+        out += ["## torch.compile for the U-Net (CPU)", "",
+                f"LafitE from features, {r['images']} images in batches of {r['batch']} at {r['ddim_steps']} DDIM "
+                f"step(s), the compile time counted (it falls in the first batch). Scores differ by at most "
+                f"{r['max_abs_score_difference']:.2e} (largest score {r['max_score']:.3g}).", "",
+                "| U-Net | first batch (s) | all images (s) | steady images/s |", "|---|---|---|---|",
+                f"| eager | {r['eager_first_batch_seconds']:.1f} | {r['eager_seconds']:.1f} | "
+                f"{r['eager_steady_images_per_s']:.1f} |",
+                f"| torch.compile | {r['compiled_first_batch_seconds']:.1f} | {r['compiled_seconds']:.1f} | "
+                f"{r['compiled_steady_images_per_s']:.1f} |", "",
+                f"torch.compile after its compile time: {verdict}.", ""]
     if (r := res.get("search")):
         st = r["stage_seconds"]
         steps = ", ".join(f"{p['ddim_steps']}: {100 * p['image_auroc']:.1f} ({p['seconds']:.1f} s)" for p in r["step_points"])
@@ -790,6 +849,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--model-version", default=None, help="with --store: the version (default latest)")
     p.add_argument("--coreset-sizes", type=int, nargs="+", default=None,
                    help="patch counts for the coreset section (default 100k 400k 1.6M 3.7M; quick 20k 40k)")
+    p.add_argument("--dump-images", type=int, default=None,
+                   help="images in the end-to-end section's large dump (default 600; quick 24); the small one is a quarter")
     p.add_argument("--out", default=None, help="output stem (default bench/results/speed[_quick])")
     return p.parse_args(argv)
 
@@ -799,6 +860,8 @@ def main(argv=None) -> int:
     sizes = QUICK if args.quick else FULL
     if args.coreset_sizes:
         sizes = dataclasses.replace(sizes, coreset_patches=tuple(args.coreset_sizes))
+    if args.dump_images:
+        sizes = dataclasses.replace(sizes, dump_images=args.dump_images)
     started = time.perf_counter()
     mach = machine()
     print(f"machine: {mach.line()}", flush=True)
@@ -839,6 +902,9 @@ def main(argv=None) -> int:
                 log("scoring ...")
                 res["scoring"] = [asdict(r) for r in bench_scoring(trained, categories, extractor, sizes)]
                 res["pooling"] = bench_pooling(trained.model.config.data.image_size)
+            if "compile" in args.only:
+                log("compile ...")
+                res["compile"] = bench_compile(trained, categories, extractor, sizes)
             if "search" in args.only:
                 log("search ...")
                 res["search"] = bench_search(trained, categories, extractor)
