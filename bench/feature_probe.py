@@ -190,14 +190,17 @@ def run_row(data: dict, size: int, kind: str, strides: tuple[int, ...], keep: fl
                   else F.avg_pool2d(maps[:, None], 16, 1).flatten(1).max(1).values)  # LafitE's image score
         results["PatchCore" if kind == "patchcore" else f"K={k}"] = (auroc(labels, scores.numpy()),
                                                                      auroc(masks[valid], maps.numpy()[valid]))
-        if kind == "editing" and score_variants:  # other image scores from the same maps (detection only)
+        if score_variants:  # other image scores from the same maps (detection only)
             flat = maps.flatten(1)
             variants = {"max": flat.max(1).values,
                         "pool8": F.avg_pool2d(maps[:, None], 8, 1).flatten(1).max(1).values,
+                        "pool16": F.avg_pool2d(maps[:, None], 16, 1).flatten(1).max(1).values,
                         "pool32": F.avg_pool2d(maps[:, None], 32, 1).flatten(1).max(1).values,
                         "top1%": flat.topk(max(1, flat.shape[1] // 100), 1).values.mean(1)}
+            del variants["max" if kind == "patchcore" else "pool16"]  # the row's own score already
             for name, v in variants.items():
-                results[f"K={k} {name}"] = (auroc(labels, v.numpy()), float("nan"))
+                results[f"{'PatchCore' if kind == 'patchcore' else f'K={k}'} {name}"] = (auroc(labels, v.numpy()),
+                                                                                          float("nan"))
     return results
 
 
@@ -211,7 +214,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--resize", choices=("square", "letterbox"), default="square",
                    help="square: stretched to size x size (the pipeline's); letterbox: aspect kept, padded")
     p.add_argument("--score-variants", action="store_true",
-                   help="editing rows: also the detection AUROC of other image scores (max, 8/32-pooled max, top-1%% mean)")
+                   help="also the detection AUROC of other image scores from the same maps (max, 8/16/32-pooled max, top-1%% mean)")
     p.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS), metavar="ROW")
     p.add_argument("--cache", default=str(Path(__file__).parent / "results" / ".probe_cache"))
     args = p.parse_args(argv)
