@@ -872,7 +872,7 @@ def main(argv=None) -> int:
                  "malloc_env": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")}}
     tmp = Path(tempfile.mkdtemp(prefix="lafite-speed-"))
     try:
-        need_data = {"extraction", "scoring", "search", "ray", "endtoend"} & set(args.only)
+        need_data = {"extraction", "scoring", "compile", "search", "ray", "endtoend"} & set(args.only)
         if need_data:
             from lafite_core.method.backbone import FeatureExtractor
             from lafite_core.config import cpu_profile
@@ -890,7 +890,7 @@ def main(argv=None) -> int:
         if "coreset" in args.only:
             log("coreset ...")
             res["coreset"] = [asdict(r) for r in bench_coreset(sizes)]
-        if {"scoring", "search", "ray", "endtoend"} & set(args.only):
+        if {"scoring", "compile", "search", "ray", "endtoend"} & set(args.only):
             trained = trained_model(args, categories, sizes, extractor, tmp)
             res["model_source"] = trained.source
             res["scoring_batch"] = trained.model.config.scoring.batch_size
