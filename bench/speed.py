@@ -363,16 +363,21 @@ class ScoringResult:
     patchcore_over_this: float
 
 
-def bench_scoring(trained: Trained, categories, extractor, sizes: Sizes) -> list[ScoringResult]:
+def features_of_tests(model, categories, extractor, n: int) -> tuple[torch.Tensor, list[int]]:
+    """The first ``n`` test images' raw features [n, D, h, w] and their scoring seeds."""
     from lafite_core.datapath.features import extract
-    from lafite_core.method.model import Scorer
     from lafite_core.stages import image_seed, load_all
 
+    loaded, _ = load_all([s for c in categories for s in c.test][:n], model.config)
+    return (torch.from_numpy(extract(extractor, [s.image for s in loaded])),
+            [image_seed(0, s.content_hash) for s in loaded])
+
+
+def bench_scoring(trained: Trained, categories, extractor, sizes: Sizes) -> list[ScoringResult]:
+    from lafite_core.method.model import Scorer
+
     model = trained.model
-    tests = [s for c in categories for s in c.test][: sizes.scoring_images]
-    loaded, _ = load_all(tests, model.config)
-    feats = torch.from_numpy(extract(extractor, [s.image for s in loaded]))
-    seeds = [image_seed(0, s.content_hash) for s in loaded]
+    feats, seeds = features_of_tests(model, categories, extractor, sizes.scoring_images)
 
     def rate(method: str, steps: int | None, precision: str = "fp32") -> float:
         m = dataclasses.replace(model, config=model.config.with_updates(
@@ -408,17 +413,13 @@ def bench_compile(trained: Trained, categories, extractor, sizes: Sizes) -> dict
     """LafitE scoring from features with the U-Net eager vs ``torch.compile``d (inductor, default mode),
     the compile time counted: ``sizes.compile_images`` images (the test images' features repeated),
     in the model's batches, at its DDIM steps; and how far the scores move."""
-    from lafite_core.datapath.features import extract
     from lafite_core.method.model import Scorer
-    from lafite_core.stages import image_seed, load_all
 
     model = trained.model
-    tests = [s for c in categories for s in c.test][: sizes.scoring_images]
-    loaded, _ = load_all(tests, model.config)
-    base = torch.from_numpy(extract(extractor, [s.image for s in loaded]))
+    base, base_seeds = features_of_tests(model, categories, extractor, sizes.scoring_images)
     reps = -(-sizes.compile_images // len(base))
     feats = base.repeat(reps, 1, 1, 1)[: sizes.compile_images]
-    seeds = [image_seed(0, loaded[i % len(loaded)].content_hash) for i in range(len(feats))]
+    seeds = (base_seeds * reps)[: sizes.compile_images]
     batch = model.config.scoring.batch_size
 
     def run(scorer) -> tuple[float, float, torch.Tensor]:
