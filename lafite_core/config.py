@@ -109,7 +109,7 @@ class ScoringConfig(_Frozen):
         "exact", description="how LafitE's bank is searched for editing: exact (faiss flat), or an inverted file "
         "(faiss IVF-Flat over k-means lists kept with the model; each query searches ivf_probes lists; CPU only, a "
         "GPU searches exactly). PatchCore's bank is always searched exactly")
-    ivf_lists: int = Field(0, ge=0, description="inverted lists (0: about sqrt(bank size), >= 32 members a list)")
+    ivf_lists: int = Field(0, ge=0, description="inverted lists (0: about 4 sqrt(bank size), >= 32 members a list)")
     ivf_probes: int = Field(8, ge=1, description="lists each query searches")
 
 

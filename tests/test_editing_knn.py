@@ -92,10 +92,12 @@ def test_inverted_file_finds_nearly_the_exact_neighbours_and_is_deterministic():
     bank, centres = _clustered()
     rng = np.random.default_rng(5)
     q = (centres[rng.integers(0, len(centres), 500)] + rng.normal(size=(500, 16))).astype(np.float32)
-    assert ivf_lists(len(bank)) == 63 and ivf_lists(100) == 3 and ivf_lists(10) == 1 and ivf_lists(100, 500) == 100
+    # about 4 sqrt(M) lists, at least 32 members a list, at most one list a member when configured
+    assert ivf_lists(100_000) == 1265 and ivf_lists(66_868) == 1034
+    assert ivf_lists(len(bank)) == 125 and ivf_lists(100) == 3 and ivf_lists(10) == 1 and ivf_lists(100, 500) == 100
     cents = ivf_centroids(bank, ivf_lists(len(bank)), seed=0)
-    assert cents.shape == (63, 16)
-    np.testing.assert_array_equal(cents, ivf_centroids(bank, 63, seed=0))  # seeded: the same lists again
+    assert cents.shape == (125, 16)
+    np.testing.assert_array_equal(cents, ivf_centroids(bank, 125, seed=0))  # seeded: the same lists again
     exact = FaissKNN(bank).search(q, 5)
     ivf = FaissKNN(bank, centroids=cents, nprobe=8)
     assert not ivf.exact and FaissKNN(bank).exact
@@ -106,7 +108,7 @@ def test_inverted_file_finds_nearly_the_exact_neighbours_and_is_deterministic():
     brute = ((q[:, None] - bank[got.indices]) ** 2).sum(-1)
     np.testing.assert_allclose(got.distances, brute, rtol=1e-4, atol=1e-3)
     # every list probed: the exact answer
-    full = FaissKNN(bank, centroids=cents, nprobe=63).search(q, 5)
+    full = FaissKNN(bank, centroids=cents, nprobe=125).search(q, 5)
     np.testing.assert_array_equal(full.indices, exact.indices)
 
 

@@ -36,8 +36,8 @@ def edit_features(features: torch.Tensor, bank: np.ndarray, knn: KNN, k: int,
         found = knn.search(queries, k)
     elif found.indices.shape[0] != b * h * w or found.indices.shape[1] < k:
         raise ValueError(f"neighbours {found.indices.shape} do not cover {b * h * w} patches with K={k}")
-    dist = torch.from_numpy(np.sqrt(found.distances[:, :k]))
-    weights = editing_weights(dist)  # [Q, K]
-    neighbours = torch.from_numpy(bank[found.indices[:, :k].reshape(-1)]).view(-1, k, d)  # [Q, K, D]
-    edited = (weights.unsqueeze(-1) * neighbours).sum(1)
+    weights = editing_weights(torch.from_numpy(np.ascontiguousarray(found.distances[:, :k])).sqrt())  # [Q, K]
+    rows = torch.from_numpy(np.ascontiguousarray(found.indices[:, :k])).reshape(-1)
+    neighbours = torch.from_numpy(np.ascontiguousarray(bank)).index_select(0, rows).view(-1, k, d)  # [Q, K, D]
+    edited = torch.bmm(weights.unsqueeze(1), neighbours).squeeze(1)  # [Q, D]: the weighted mix, one batched matmul
     return edited.view(b, h, w, d).permute(0, 3, 1, 2).contiguous().to(features.device, features.dtype)

@@ -6,7 +6,11 @@ with the model so that every process builds the same index) the search is an inv
 ``nprobe`` nearest lists only. Exact search costs queries x bank x dims; on magnetic_tile's 10%
 bank (78,000 x 152) it took 676 ms an image against 34 ms for 256 lists and 4 probes, with the
 editing bound's AUROCs within 0.3 points (recall@1 0.88: a near neighbour in place of the nearest
-one changes an edited feature little).
+one changes an edited feature little). The lists default to about 4 sqrt(M): a query then compares
+itself with more centroids (one matmul) and scans shorter lists (the slow, member-by-member part);
+on the cpu profile's real 66,868-member bank at 8 probes that is 11 ms an image against 27 ms for
+sqrt(M) lists, recall@1 0.93 against 0.98, and the same test AUROCs within 0.3 points
+(``bench/knn_probe.py --index``, ``bench/results/knn_index_session15.md``).
 
 ``TorchKNN`` is the chunked-matmul reference the benchmark compares against; all return squared L2
 distances, ascending.
@@ -54,12 +58,15 @@ def _check(bank: np.ndarray) -> None:
         raise ValueError(f"bank must be a non-empty [M, D] array, got shape {bank.shape}")
 
 
+LISTS_PER_SQRT = 4  # default inverted lists: about 4 sqrt(M) (module docstring: why not sqrt(M))
+
+
 def ivf_lists(bank_size: int, configured: int = 0) -> int:
     """Inverted lists for a bank of ``bank_size``: ``configured`` (at most one per member), or about
-    sqrt(M) with at least 32 members a list on average (at least one list)."""
+    4 sqrt(M) with at least 32 members a list on average (at least one list)."""
     if configured:
         return max(1, min(configured, bank_size))
-    return max(1, min(round(math.sqrt(bank_size)), bank_size // 32))
+    return max(1, min(round(LISTS_PER_SQRT * math.sqrt(bank_size)), bank_size // 32))
 
 
 def ivf_centroids(bank: np.ndarray, lists: int, seed: int) -> np.ndarray:
