@@ -334,6 +334,8 @@ def trained_model(args, categories, sizes: Sizes, extractor, tmp: Path) -> Train
     if args.store:
         store = Store(args.store)
         version = store.resolve_version(args.model_version)
+        if args.relist:
+            return relisted(store, version, tmp)
         model, _, _ = load_published(store, version)
         return Trained(model, args.store, version, f"loaded {version} from {args.store}")
     cfg = cpu_profile().with_updates(diffusion={"epochs": sizes.fit_epochs},
@@ -348,6 +350,35 @@ def trained_model(args, categories, sizes: Sizes, extractor, tmp: Path) -> Train
     return Trained(fitted.model, store_url, version,
                    f"cpu profile fitted here: {cfg.diffusion.epochs} epochs on {n_train} train images "
                    f"(speed only; not a useful detector)")
+
+
+def relisted(store, version: str, tmp: Path) -> Trained:
+    """``version`` of ``store`` published again into a store under ``tmp`` with its inverted lists rebuilt
+    by today's ``ivf_lists`` rule (a model keeps the lists it was built with, so an older model would
+    otherwise measure an older index); every other file as it was."""
+    import io
+
+    from lafite_core.method.knn import ivf_centroids, ivf_lists
+    from lafite_core.method.model import BANK_CENTROIDS
+    from lafite_core.stages import load_published
+    from lafite_core.store import layout
+    from lafite_core.store.storage import Store
+
+    model, _, files = load_published(store, version)
+    sc = model.config.scoring
+    if sc.knn != "ivf":
+        raise SystemExit(f"--relist: {version} searches its bank with scoring.knn={sc.knn!r}, not an inverted file")
+    before = None if model.bank_centroids is None else len(model.bank_centroids)
+    cents = ivf_centroids(model.bank, ivf_lists(model.bank.shape[0], sc.ivf_lists), model.config.seed)
+    buf = io.BytesIO()
+    np.save(buf, cents, allow_pickle=False)
+    out_url = str(tmp / "relisted-store")
+    manifest = store.read_json(*layout.model_file(version, layout.MANIFEST))
+    new = Store(out_url).publish_model({**files, BANK_CENTROIDS: buf.getvalue()}, manifest["config_hash"])
+    model, _, _ = load_published(Store(out_url), new.version)
+    log(f"  {version}: inverted lists rebuilt, {before} -> {len(cents)} lists, published as {new.version}")
+    return Trained(model, out_url, new.version, f"{version} from {store.root_url} with its inverted lists rebuilt by "
+                   f"today's rule ({before} -> {len(cents)} lists), published as {new.version} in a temporary store")
 
 
 # --------------------------------------------------------------------------- scoring
@@ -848,6 +879,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--data-root", default=None, help="MVTec-layout images (default ../shared/data/mpdd, else demo data)")
     p.add_argument("--store", default=None, help="score with a published model from this store instead of training")
     p.add_argument("--model-version", default=None, help="with --store: the version (default latest)")
+    p.add_argument("--relist", action="store_true", help="with --store: rebuild the model's inverted lists by today's "
+                   "rule (in a temporary copy) before scoring; a model otherwise keeps the lists it was built with")
     p.add_argument("--coreset-sizes", type=int, nargs="+", default=None,
                    help="patch counts for the coreset section (default 100k 400k 1.6M 3.7M; quick 20k 40k)")
     p.add_argument("--dump-images", type=int, default=None,

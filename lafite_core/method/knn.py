@@ -10,7 +10,7 @@ one changes an edited feature little). The lists default to about 4 sqrt(M): a q
 itself with more centroids (one matmul) and scans shorter lists (the slow, member-by-member part);
 on the cpu profile's real 66,868-member bank at 8 probes that is 11 ms an image against 27 ms for
 sqrt(M) lists, recall@1 0.93 against 0.98, and the same test AUROCs within 0.3 points
-(``bench/knn_probe.py --index``, ``bench/results/knn_index_session15.md``).
+(``bench/knn_index.py``, ``bench/results/knn_index.md``).
 
 ``TorchKNN`` is the chunked-matmul reference the benchmark compares against; all return squared L2
 distances, ascending.
