@@ -428,6 +428,25 @@ def select(
     when no category has held-out normals: the threshold cannot be calibrated without them.
     """
     cfg = model.config
+    pseudo, failures = pseudo_validation(cfg, extractor, holdout, sources, storage_options, progress)
+    evaluator = PseudoEvaluator(Scorer(model, device), pseudo, progress)
+    if cfg.search.enabled:
+        search = search_hyperparameters(evaluator, cfg.search, cfg.scoring.ddim_steps)
+    else:
+        log.info("hyperparameter search disabled: tau=%d, K=%d from the config", model.tau, model.k)
+        search = SearchResult(model.tau, model.k, ())
+    tuned = model.with_hyperparameters(search.tau, search.k, search.ddim_steps)
+    calibration = calibrate(evaluator.final_scores(tuned), pseudo.labels, pseudo.categories, "lafite")
+    return Selection(tuned, search, pseudo, calibration, failures)
+
+
+def pseudo_validation(
+    cfg: PipelineConfig, extractor: FeatureExtractor, holdout: Sequence[Sample], sources: Sequence[Sample],
+    storage_options: dict | None = None, progress: Progress = quiet,
+) -> tuple[PseudoValidation, list[LoadFailure]]:
+    """The pseudo-validation set (held-out normals and anomalies pasted onto them from ``sources``),
+    its features extracted, and the images that could not be read. Raises when no category has
+    held-out normals: the threshold cannot be calibrated without them."""
     hold, bad1 = load_all(holdout, cfg, storage_options, progress, "read held-out normals")
     src, bad2 = load_all(sources, cfg, storage_options, progress, "read paste sources")
     for f in bad1 + bad2:
@@ -445,15 +464,7 @@ def select(
                          "synthesis.holdout_fraction above 0")
     pseudo = PseudoValidation(extract(extractor, images), labels, masks, cats,
                               [cfg.seed * 1_000_003 + i for i in range(len(images))])
-    evaluator = PseudoEvaluator(Scorer(model, device), pseudo, progress)
-    if cfg.search.enabled:
-        search = search_hyperparameters(evaluator, cfg.search, cfg.scoring.ddim_steps)
-    else:
-        log.info("hyperparameter search disabled: tau=%d, K=%d from the config", model.tau, model.k)
-        search = SearchResult(model.tau, model.k, ())
-    tuned = model.with_hyperparameters(search.tau, search.k, search.ddim_steps)
-    calibration = calibrate(evaluator.final_scores(tuned), labels, cats, "lafite")
-    return Selection(tuned, search, pseudo, calibration, bad1 + bad2)
+    return pseudo, bad1 + bad2
 
 
 # --------------------------------------------------------------------------- publish
