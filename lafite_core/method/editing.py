@@ -39,5 +39,6 @@ def edit_features(features: torch.Tensor, bank: np.ndarray, knn: KNN, k: int,
     weights = editing_weights(torch.from_numpy(np.ascontiguousarray(found.distances[:, :k])).sqrt())  # [Q, K]
     rows = torch.from_numpy(np.ascontiguousarray(found.indices[:, :k])).reshape(-1)
     neighbours = torch.from_numpy(np.ascontiguousarray(bank)).index_select(0, rows).view(-1, k, d)  # [Q, K, D]
-    edited = torch.bmm(weights.unsqueeze(1), neighbours).squeeze(1)  # [Q, D]: the weighted mix, one batched matmul
+    # [Q, D]: the weighted mix as one batched matmul (in the bank's dtype, as the elementwise mix promoted to it)
+    edited = torch.bmm(weights.to(neighbours.dtype).unsqueeze(1), neighbours).squeeze(1)
     return edited.view(b, h, w, d).permute(0, 3, 1, 2).contiguous().to(features.device, features.dtype)
