@@ -672,27 +672,25 @@ def bench_endtoend(trained: Trained, categories, sizes: Sizes, tmp: Path) -> lis
     steps = trained.model.config.scoring.ddim_steps
     env = {**os.environ, "LAFITE_LOG_DIR": str(tmp / "logs")}
     out = []
+
+    def score(folder: Path, method: str) -> float:
+        """``lafite score FOLDER --method METHOD`` in a child process: its wall seconds."""
+        cmd = [sys.executable, "-m", "flows.cli", "score", str(folder), "--store", trained.store_url,
+               "--model-version", trained.version, "--method", method]
+        t = time.perf_counter()
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd)} failed ({done.returncode}):\n{done.stderr[-3000:]}")
+        return time.perf_counter() - t
+
     # one untimed command first: the first `lafite score` of a run pays cold caches (Python imports, Prefect's
     # database, the model's files), which would otherwise fall on PatchCore's small dump and flatter its margin
-    warm = make_dump(categories, min(16, small_n), tmp / "warm-up")
-    cmd = [sys.executable, "-m", "flows.cli", "score", str(warm), "--store", trained.store_url,
-           "--model-version", trained.version, "--method", "patchcore"]
-    t = time.perf_counter()
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed ({done.returncode}):\n{done.stderr[-3000:]}")
-    log(f"  warm-up command ({min(16, small_n)} images, not counted): {time.perf_counter() - t:.1f} s")
+    warm_s = score(make_dump(categories, min(16, small_n), tmp / "warm-up"), "patchcore")
+    log(f"  warm-up command ({min(16, small_n)} images, not counted): {warm_s:.1f} s")
     for method in ("patchcore", "lafite"):
         times = {}
         for n in (small_n, sizes.dump_images):
-            dump = make_dump(categories, n, tmp / f"dump-{method}-{n}")
-            cmd = [sys.executable, "-m", "flows.cli", "score", str(dump), "--store", trained.store_url,
-                   "--model-version", trained.version, "--method", method]
-            t = time.perf_counter()
-            done = subprocess.run(cmd, env=env, capture_output=True, text=True)
-            times[n] = time.perf_counter() - t
-            if done.returncode != 0:
-                raise RuntimeError(f"{' '.join(cmd)} failed ({done.returncode}):\n{done.stderr[-3000:]}")
+            times[n] = score(make_dump(categories, n, tmp / f"dump-{method}-{n}"), method)
             log(f"  {method}, {n} images: {times[n]:.1f} s")
         rows = read_score_tables(Store(trained.store_url), trained.version).to_pydict()
         scored = sum(m == method and e is None and str(tmp / "dump-") in u  # this run's dumps (not the warm-up's,
