@@ -37,6 +37,20 @@ def test_anomaly_maps_shape_and_score_is_max_of_pooled_map():
     assert 66 <= y <= 102 and 66 <= x <= 102
 
 
+def test_anomaly_maps_equal_upsampling_then_blur():
+    """to_anomaly_maps computes the map as two matrix products; they must give what bilinear
+    upsampling followed by the Gaussian blur gives, on square and non-square error maps."""
+    g = torch.Generator().manual_seed(0)
+    for shape, size, sigma in (((3, 28, 28), 224, 4.0), ((2, 20, 28), 224, 4.0), ((2, 32, 32), 256, 2.5),
+                               ((2, 28, 28), 224, 0.0)):
+        err = torch.rand(*shape, generator=g) * 3
+        up = torch.nn.functional.interpolate(err[:, None], size=(size, size), mode="bilinear", align_corners=False)
+        ref = gaussian_blur(up[:, 0], sigma)
+        out = to_anomaly_maps(err, size, sigma, 16)
+        assert out.maps.shape == (shape[0], size, size)
+        torch.testing.assert_close(out.maps, ref, rtol=1e-5, atol=1e-5)
+
+
 def test_reconstruction_error_is_l2_over_channels():
     a = torch.zeros(1, 3, 2, 2)
     b = torch.zeros(1, 3, 2, 2)
