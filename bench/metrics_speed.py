@@ -4,8 +4,8 @@ Pixel metrics run over ~10 million pixels a category (400 test images x 224 x 22
 hyperparameter search computes pixel AUROC at every grid point. Both paths run side by side in this
 run on the same synthetic pixels, about 3% positives, float32 scores of two kinds: quantised to
 1e-4 (many ties, some across classes) and continuous (few ties, like upsampled anomaly maps).
-Rank-based: ``metrics._rank_auroc`` / ``_rank_average_precision`` (one argsort, int64 counts, the
-hand-written code that ``sklearn.metrics`` replaced); sklearn: ``roc_auc_score`` /
+Rank-based: ``metrics._rank_auroc`` / ``_rank_average_precision`` (each class's scores sorted,
+the positives placed among the negatives by binary search, int64 counts); sklearn: ``roc_auc_score`` /
 ``average_precision_score``; both after the library's input checks. The public ``auroc`` /
 ``average_precision`` (which pick a path by size) are timed beside them. The curve helpers are
 timed at the largest size, full and thinned to 1,000 points.

@@ -121,8 +121,8 @@ def test_auroc_and_average_precision_sort_once_and_match_each_metric(monkeypatch
     labels, scores = _tied_pixels(4, metrics._FAST_PATH_MIN_SAMPLES, 3)
     expected = (auroc(labels, scores), average_precision(labels, scores))
     sorts = []
-    real = metrics._ranked_counts
-    monkeypatch.setattr(metrics, "_ranked_counts", lambda y, s: sorts.append(1) or real(y, s))
+    real = metrics._class_sorted
+    monkeypatch.setattr(metrics, "_class_sorted", lambda y, s: sorts.append(1) or real(y, s))
     assert metrics.auroc_and_average_precision(labels, scores) == expected
     assert len(sorts) == 1
     small = (labels[:5000], scores[:5000])  # below the threshold: scikit-learn's, as each metric

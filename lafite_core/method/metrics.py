@@ -3,7 +3,8 @@
 AUROC, AP and the ROC and precision-recall curves come from ``sklearn.metrics``, behind this
 module's input checks and error messages; tied scores form one group and the curves take a point
 only at the end of each group. From ``_FAST_PATH_MIN_SAMPLES`` samples on (pixel-level metrics),
-AUROC and AP take a rank-based path instead: one argsort and int64 counts, 3.6-5x faster than
+AUROC and AP take a rank-based path instead: the positives' and the negatives' scores each
+sorted, every positive placed among the negatives by binary search, int64 counts; faster than
 scikit-learn at 10M pixels (``bench/metrics_speed.py``) and equal to it up to float rounding
 (tested to 1e-9). AUPRO (MVTec AD's PRO evaluation, which no library provides) is
 computed here from the same descending sort, with the same tie handling.
@@ -74,33 +75,33 @@ def _descending_tie_groups(scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return order, np.append(ends, ordered.size - 1)
 
 
-def _ranked_counts(y: np.ndarray, s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """True- and false-positive counts [G] (float64, exact) at each distinct threshold, highest first."""
-    order, ends = _descending_tie_groups(s)
-    tps = np.cumsum(y[order], dtype=np.int64)[ends]
-    fps = (ends + 1) - tps
-    return tps.astype(np.float64), fps.astype(np.float64)
+def _class_sorted(y: np.ndarray, s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The scores of the positives and of the negatives, each sorted ascending (``np.sort``, a SIMD
+    sort in numpy 2; an argsort of all scores cost 2.6x as much at 12M pixels on the build machine)."""
+    return np.sort(s[y]), np.sort(s[~y])
 
 
-def _rank_auroc(y: np.ndarray, s: np.ndarray, counts: tuple[np.ndarray, np.ndarray] | None = None) -> float:
-    """AUROC of checked flat bool labels [M] and scores [M]: trapezoids over the tie groups.
+def _rank_auroc(y: np.ndarray, s: np.ndarray, by_class: tuple[np.ndarray, np.ndarray] | None = None) -> float:
+    """AUROC of checked flat bool labels [M] and scores [M]: the share of (positive, negative) pairs the
+    positive wins, a tie counting one half, from each positive's place among the sorted negatives.
 
-    ``counts``: their :func:`_ranked_counts`, when already computed (the sort is the whole cost)."""
-    tps, fps = counts if counts is not None else _ranked_counts(y, s)
-    d_fps = np.diff(fps, prepend=0.0)
-    tps_prev = np.concatenate(([0.0], tps[:-1]))
-    # Trapezoids in count units: every term is an exact integer below 2**53 for < ~10**8 samples.
-    area = float(np.dot(d_fps, tps + tps_prev))
-    return area / (2.0 * tps[-1] * fps[-1])
+    ``by_class``: their :func:`_class_sorted`, when already computed (the sorts are the whole cost)."""
+    pos, neg = by_class if by_class is not None else _class_sorted(y, s)
+    below = np.searchsorted(neg, pos, "left")  # negatives scoring strictly lower than each positive
+    level = np.searchsorted(neg, pos, "right")  # ... lower or equal
+    # Twice the win count in int64: exact for any number of pixels that fits in memory.
+    twice = 2 * int(below.sum(dtype=np.int64)) + int((level - below).sum(dtype=np.int64))
+    return twice / (2.0 * pos.size * neg.size)
 
 
 def _rank_average_precision(y: np.ndarray, s: np.ndarray,
-                            counts: tuple[np.ndarray, np.ndarray] | None = None) -> float:
-    """AP of checked flat bool labels [M] and scores [M]: precision at each tie group's end."""
-    tps, fps = counts if counts is not None else _ranked_counts(y, s)
-    d_tps = np.diff(tps, prepend=0.0)
-    precision = tps / (tps + fps)
-    return float(np.dot(d_tps, precision) / tps[-1])
+                            by_class: tuple[np.ndarray, np.ndarray] | None = None) -> float:
+    """AP of checked flat bool labels [M] and scores [M]: the mean over the positives of the precision
+    among all samples scoring at least as high (a tie group's precision at its end, as scikit-learn)."""
+    pos, neg = by_class if by_class is not None else _class_sorted(y, s)
+    tps = pos.size - np.searchsorted(pos, pos, "left")  # positives scoring >= each positive
+    fps = neg.size - np.searchsorted(neg, pos, "left")  # negatives scoring >= each positive
+    return float(np.mean(tps / (tps + fps)))
 
 
 def auroc(labels: npt.ArrayLike, scores: npt.ArrayLike) -> float:
@@ -128,11 +129,11 @@ def average_precision(labels: npt.ArrayLike, scores: npt.ArrayLike) -> float:
 
 def auroc_and_average_precision(labels: npt.ArrayLike, scores: npt.ArrayLike) -> tuple[float, float]:
     """:func:`auroc` and :func:`average_precision` of the same inputs, sorting them once (pixel
-    metrics: millions of samples, where the sort is the whole cost of either)."""
+    metrics: millions of samples, where the sorts are the whole cost of either)."""
     y, s = _binary_labels(labels, scores)
     if y.size >= _FAST_PATH_MIN_SAMPLES:
-        counts = _ranked_counts(y, s)
-        return _rank_auroc(y, s, counts), _rank_average_precision(y, s, counts)
+        by_class = _class_sorted(y, s)
+        return _rank_auroc(y, s, by_class), _rank_average_precision(y, s, by_class)
     return float(sk_metrics.roc_auc_score(y, s)), float(sk_metrics.average_precision_score(y, s))
 
 
