@@ -43,6 +43,8 @@ def test_cpu_profile_has_a_step_budget_and_both_profiles_the_patchcore_baseline(
     p, c = paper_profile(), cpu_profile()
     assert p.diffusion.max_steps is None and p.features == ViewConfig()  # LafitE as in the paper
     assert c.diffusion.max_steps == CPU_TRAIN_STEPS and c.diffusion.epochs == 150  # epochs cap small sets
+    # a nightly warm start fine-tunes 10% of the cpu profile's budget (measured), a quarter of the paper's
+    assert (c.diffusion.warm_start_fraction, p.diffusion.warm_start_fraction) == (0.1, 0.25)
     assert p.baseline.recipe == c.baseline.recipe == "patchcore"
     for cfg in (p, c):  # PatchCore's recipe: the stride-8 and -16 levels, 3 x 3 cells of their own grids
         strides = [2 ** (cfg.backbone.out_indices[lv] + 1) for lv in cfg.baseline.view.levels]

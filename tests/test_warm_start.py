@@ -66,12 +66,14 @@ def test_compatible_configs_and_the_reasons_when_not():
 
 
 def test_training_budget_is_the_fraction_of_epochs_and_steps():
-    d = cpu_profile().diffusion  # 150 epochs, 1,100 steps, batch 16
+    d = cpu_profile().diffusion  # 150 epochs, 1,100 steps, batch 16, warm start 10%
     assert training_budget(d, None) is d
     warm = training_budget(d, object())
-    assert (warm.epochs, warm.max_steps) == (38, 275)
-    assert planned_epochs(warm, 1600) == 3 and planned_epochs(d, 1600) == 11  # 100 steps an epoch
-    assert planned_epochs(warm, 32) == 38 and planned_epochs(d, 32) == 150  # the epoch cap binds
+    assert (warm.epochs, warm.max_steps) == (15, 110)
+    assert planned_epochs(warm, 1600) == 2 and planned_epochs(d, 1600) == 11  # 100 steps an epoch
+    assert planned_epochs(warm, 32) == 15 and planned_epochs(d, 32) == 150  # the epoch cap binds
+    quarter = training_budget(d.model_copy(update={"warm_start_fraction": 0.25}), object())
+    assert (quarter.epochs, quarter.max_steps) == (38, 275)  # rounded up
     tiny = d.model_copy(update={"epochs": 2, "max_steps": None, "warm_start_fraction": 0.1})
     assert (training_budget(tiny, object()).epochs, training_budget(tiny, object()).max_steps) == (1, None)
     with pytest.raises(ValueError):
