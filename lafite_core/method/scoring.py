@@ -74,13 +74,18 @@ def map_operator(cells: int, size: int, sigma: float) -> torch.Tensor:
 
     Bilinear upsampling (align_corners False) and the reflect-padded Gaussian blur are linear and
     separable, so the map of errors E [h, w] is ``A_h @ E @ A_w.T``. The matrix is built by running
-    the 2-D path itself (``F.interpolate`` then :func:`gaussian_blur`) on the axis' unit vectors, so
-    both give the same maps within float32 rounding. Two small matrix products replace a 2-D blur at
+    the same operations (``F.interpolate`` and :func:`gaussian_blur`'s pass along one axis) on the
+    axis' unit vectors, so both give the same maps within float32 rounding, and it costs
+    ``size x cells`` numbers however large the maps are. Two small matrix products replace a 2-D blur at
     full size: 0.35 against 7 ms an image at 28 -> 224, sigma 4 on the 2-core build machine.
     """
-    basis = torch.eye(cells, dtype=torch.float64)[:, None, :, None]  # [cells, 1, cells, 1]
-    up = F.interpolate(basis, size=(size, size), mode="bilinear", align_corners=False)[:, 0]  # [cells, S, S]
-    return gaussian_blur(up, sigma)[:, :, 0].T.contiguous()  # every column of a blurred row-basis image is alike
+    basis = torch.eye(cells, dtype=torch.float64)[:, None, :, None]  # [cells, 1, cells, 1]: one column each
+    x = F.interpolate(basis, size=(size, 1), mode="bilinear", align_corners=False)  # [cells, 1, S, 1]
+    if sigma > 0:  # the vertical pass of gaussian_blur (the horizontal one leaves a constant row unchanged)
+        k = gaussian_kernel1d(sigma).to(torch.float64)
+        r = k.numel() // 2
+        x = F.conv2d(F.pad(x, (0, 0, r, r), mode="reflect"), k.view(1, 1, -1, 1))
+    return x[:, 0, :, 0].T.contiguous()  # [S, cells]
 
 
 def to_anomaly_maps(errors: torch.Tensor, image_size: int, sigma: float, pool: int) -> AnomalyMaps:
