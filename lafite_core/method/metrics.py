@@ -7,7 +7,7 @@ AUROC and AP take a rank-based path instead: the positives' and the negatives' s
 sorted, every positive placed among the negatives by binary search, int64 counts; faster than
 scikit-learn at 10M pixels (``bench/metrics_speed.py``) and equal to it up to float rounding
 (tested to 1e-9). AUPRO (MVTec AD's PRO evaluation, which no library provides) is
-computed here from the same descending sort, with the same tie handling.
+computed here from a descending argsort of all pixels, with the same tie handling.
 """
 
 from __future__ import annotations
