@@ -28,6 +28,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
+from accuracy import load_test_sets  # noqa: E402
 from common import SHARED_DATA, machine, out_stem, write_text  # noqa: E402
 
 
@@ -43,12 +44,11 @@ def main(argv=None) -> None:
     torch.set_num_threads(2)
 
     from lafite_core.datapath.data import discover
-    from lafite_core.datapath.features import extract
     from lafite_core.method.backbone import FeatureExtractor
     from lafite_core.method.metrics import aupro, auroc
     from lafite_core.method.model import Scorer
     from lafite_core.method.scoring import box_mean, gaussian_blur
-    from lafite_core.stages import image_seed, load_all, load_published
+    from lafite_core.stages import image_seed, load_published
     from lafite_core.store.storage import Store
 
     started = time.perf_counter()
@@ -68,20 +68,17 @@ def main(argv=None) -> None:
     raw_model = dataclasses.replace(model, config=cfg.with_updates(scoring={"smoothing_sigma": 0.0}))
     raw_scorer = Scorer(raw_model, "cpu")
     tests = []
-    for c in categories:
-        loaded, _ = load_all(c.test, cfg)
-        labels = np.array([s.sample.label for s in loaded])
-        known = np.array([s.mask is not None for s in loaded])
-        if len(np.unique(labels)) < 2 or not known.any():
-            print(f"{c.key}: skipped (needs normal and anomalous test images with masks)", flush=True)
+    for t in load_test_sets(categories, cfg, extractor):
+        known = np.array([s.mask is not None for s in t.loaded])
+        if len(np.unique(t.labels)) < 2 or not known.any():
+            print(f"{t.category.key}: skipped (needs normal and anomalous test images with masks)", flush=True)
             continue
-        feats = torch.from_numpy(extract(extractor, [s.image for s in loaded]))
-        seeds = [image_seed(cfg.seed, s.content_hash) for s in loaded]
-        t = time.perf_counter()
-        maps = {m: raw_scorer.score(feats, m, seeds).maps for m in ("lafite", "patchcore")}
-        masks = np.stack([s.mask for s in loaded if s.mask is not None])
-        tests.append((c.key, labels, known, masks, maps))
-        print(f"{c.key}: {len(labels)} test images scored in {time.perf_counter() - t:.0f} s", flush=True)
+        seeds = [image_seed(cfg.seed, s.content_hash) for s in t.loaded]
+        start = time.perf_counter()
+        maps = {m: raw_scorer.score(t.features, m, seeds).maps for m in ("lafite", "patchcore")}
+        masks = np.stack([s.mask for s in t.loaded if s.mask is not None])
+        tests.append((t.category.key, t.labels, known, masks, maps))
+        print(f"{t.category.key}: {len(t.labels)} test images scored in {time.perf_counter() - start:.0f} s", flush=True)
     if not tests:
         raise SystemExit("no category with normal and anomalous test images and masks")
 
