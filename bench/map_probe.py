@@ -78,7 +78,8 @@ def main(argv=None) -> None:
         maps = {m: raw_scorer.score(t.features, m, seeds).maps for m in ("lafite", "patchcore")}
         masks = np.stack([s.mask for s in t.loaded if s.mask is not None])
         tests.append((t.category.key, t.labels, known, masks, maps))
-        print(f"{t.category.key}: {len(t.labels)} test images scored in {time.perf_counter() - start:.0f} s", flush=True)
+        print(f"{t.category.key}: {len(t.labels)} test images scored in {time.perf_counter() - start:.0f} s",
+              flush=True)
     if not tests:
         raise SystemExit("no category with normal and anomalous test images and masks")
 

@@ -309,9 +309,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--no-evaluate", action="store_true", help="skip the evaluation on labelled test sets")
     t.add_argument("--warm-start", default="none", metavar="latest|VERSION|none",
                    help="fine-tune an earlier version's U-Net for diffusion.warm_start_fraction (cpu profile 0.1, "
-                        "paper 0.25) of the training budget instead of training from scratch: latest (when its features and U-Net "
-                        "shape match this config; otherwise from scratch, with a warning), a named version (an "
-                        "error if it does not match) or none (default; the nightly deployment uses latest)")
+                        "paper 0.25) of the training budget instead of training from scratch: latest (when its "
+                        "features and U-Net shape match this config; otherwise from scratch, with a warning), a "
+                        "named version (an error if it does not match) or none (default; the nightly deployment "
+                        "uses latest)")
     _add_common(t)
     t.set_defaults(fn=cmd_train)
 
