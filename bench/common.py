@@ -110,3 +110,20 @@ class Ticker:
         if total and done == total:
             print(f"  .. {stage}: {total} done in {time.perf_counter() - self.t0:.1f} s", file=sys.stderr,
                   flush=True)
+
+
+def published_model(store_url: str, version: str | None, data_root: str):
+    """A published model of ``store_url`` (``version``, default the latest), its version name, and the
+    categories under ``data_root`` it was trained on (SystemExit when none is there): what the probes
+    that score an existing model start from."""
+    from lafite_core.datapath.data import discover
+    from lafite_core.stages import load_published
+    from lafite_core.store.storage import Store
+
+    store = Store(store_url)
+    version = store.resolve_version(version)
+    model, _, _ = load_published(store, version)
+    categories = [c for c in discover(data_root) if c.key in model.categories]
+    if not categories:
+        raise SystemExit(f"none of the model's categories {model.categories} is under {data_root}")
+    return model, version, categories

@@ -35,7 +35,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from common import SHARED_DATA, machine, out_stem, write_text  # noqa: E402
+from common import SHARED_DATA, machine, out_stem, published_model, write_text  # noqa: E402
 
 DEFAULT_INDEXES = ("exact", "ivf:model:8", "ivf:model:4", "ivf:4sqrt:8", "ivf:4sqrt:16", "hnsw:32:32")
 CALL_IMAGES = 16
@@ -104,20 +104,13 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     torch.set_num_threads(2)
 
-    from lafite_core.datapath.data import discover
     from lafite_core.method.backbone import FeatureExtractor
     from lafite_core.method.model import Scorer
     from lafite_core.method.patchcore import patches
-    from lafite_core.stages import load_published, metrics_for, score_category
-    from lafite_core.store.storage import Store
+    from lafite_core.stages import metrics_for, score_category
     from speed import features_of_tests
 
-    store = Store(args.store)
-    version = store.resolve_version(args.model_version)
-    model, _, _ = load_published(store, version)
-    categories = [c for c in discover(args.data_root) if c.key in model.categories]
-    if not categories:
-        raise SystemExit(f"none of the model's categories {model.categories} is under {args.data_root}")
+    model, version, categories = published_model(args.store, args.model_version, args.data_root)
     extractor = FeatureExtractor(model.config.backbone)
     per = max(1, args.images // len(categories))  # the same share of every category, spread over its test set
     picked = [dataclasses.replace(c, test=c.test[:: max(1, len(c.test) // per)][:per]) for c in categories]

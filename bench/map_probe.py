@@ -29,7 +29,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
 from accuracy import load_test_sets  # noqa: E402
-from common import SHARED_DATA, machine, out_stem, write_text  # noqa: E402
+from common import SHARED_DATA, machine, out_stem, published_model, write_text  # noqa: E402
 
 
 def main(argv=None) -> None:
@@ -43,23 +43,16 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     torch.set_num_threads(2)
 
-    from lafite_core.datapath.data import discover
     from lafite_core.method.backbone import FeatureExtractor
     from lafite_core.method.metrics import aupro, auroc
     from lafite_core.method.model import Scorer
     from lafite_core.method.scoring import box_mean, gaussian_blur
-    from lafite_core.stages import image_seed, load_published
-    from lafite_core.store.storage import Store
+    from lafite_core.stages import image_seed
 
     started = time.perf_counter()
-    store = Store(args.store)
-    version = store.resolve_version(args.model_version)
-    model, _, _ = load_published(store, version)
+    model, version, categories = published_model(args.store, args.model_version, args.data_root)
     cfg = model.config
     size = cfg.data.image_size
-    categories = [c for c in discover(args.data_root) if c.key in model.categories]
-    if not categories:
-        raise SystemExit(f"none of the model's categories {model.categories} is under {args.data_root}")
     extractor = FeatureExtractor(cfg.backbone)
 
     # Unsmoothed maps (sigma 0) of every test image; the blur and the windows are applied below.

@@ -27,7 +27,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from common import SHARED_DATA, machine, out_stem, write_text  # noqa: E402
+from common import SHARED_DATA, machine, out_stem, published_model, write_text  # noqa: E402
 
 
 def main(argv=None) -> None:
@@ -40,23 +40,15 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     torch.set_num_threads(2)
 
-    from lafite_core.datapath.data import discover
     from lafite_core.datapath.features import extract
     from lafite_core.method.backbone import FeatureExtractor
     from lafite_core.method.metrics import auroc
     from lafite_core.method.model import Scorer
-    from lafite_core.stages import (PseudoEvaluator, image_seed, load_all, load_published, plan_training,
-                                    pseudo_validation)
-    from lafite_core.store.storage import Store
+    from lafite_core.stages import PseudoEvaluator, image_seed, load_all, plan_training, pseudo_validation
 
     started = time.perf_counter()
-    store = Store(args.store)
-    version = store.resolve_version(args.model_version)
-    model, _, _ = load_published(store, version)
+    model, version, categories = published_model(args.store, args.model_version, args.data_root)
     cfg = model.config
-    categories = [c for c in discover(args.data_root) if c.key in model.categories]
-    if not categories:
-        raise SystemExit(f"none of the model's categories {model.categories} is under {args.data_root}")
     k = args.k or model.k
     steps = cfg.scoring.ddim_steps
     extractor = FeatureExtractor(cfg.backbone)
