@@ -93,6 +93,10 @@ class CoresetConfig(_Frozen):
     chunk_size: int = Field(
         20_000, ge=100, description="greedy runs exactly within chunks of at most this many patches"
     )
+    merge: bool = Field(
+        True, description="on a warm start, keep the parent's bank rows of each category whose fitted images are all "
+        "still fitted and select a coreset over its new images only (as a coreset of new chunks); False rebuilds the "
+        "banks over all features")
 
 
 class ScoringConfig(_Frozen):

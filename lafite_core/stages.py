@@ -30,9 +30,9 @@ import torch
 
 from lafite_core.method.backbone import FeatureExtractor
 from lafite_core.method.calibration import Calibration, calibrate
-from lafite_core.config import DiffusionConfig, PipelineConfig, config_hash
+from lafite_core.config import CoresetConfig, DiffusionConfig, PipelineConfig, config_hash
 from lafite_core.method import patchcore
-from lafite_core.method.coreset import patch_bank
+from lafite_core.method.coreset import BankSources, bank_rows, flat_patches, merge_plan
 from lafite_core.datapath.data import Category, LoadedSample, Sample
 from lafite_core.store.feature_store import ExtractionReport, TrainingFeatures, feature_key
 from lafite_core.datapath.features import LoadFailure, extract, load_many
@@ -85,26 +85,37 @@ def trainable(categories: Sequence[Category]) -> tuple[list[Category], list[str]
     return ok, skipped
 
 
+def holdout_draw(seed: int, image_id: str) -> float:
+    """A uniform number in [0, 1) fixed by the seed and the image id (its path in the dataset), so an
+    image's side of the split does not depend on which other images the category has."""
+    digest = hashlib.sha256(f"{seed}\0{image_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
 def split_holdout(samples: Sequence[Sample], cfg: PipelineConfig, seed: int) -> tuple[list[Sample], list[Sample]]:
     """train/good of one category -> (samples to fit on, held-out pseudo-validation normals).
 
-    Holds out ``holdout_fraction`` (at least ``min_holdout``) when the category keeps at least two
-    images for fitting; otherwise holds out nothing. The held-out normals calibrate the threshold
-    even when the search is disabled.
+    An image is held out when its draw (:func:`holdout_draw`) falls below ``holdout_fraction``, so
+    images added to a category later never move an earlier image across the split (a nightly warm
+    start keeps its parent's coreset rows: ``coreset.merge``); when fewer than ``min_holdout`` fall
+    below it, the ``min_holdout`` lowest draws are held out. Nothing is held out when fewer than two
+    images would remain to fit on. The held-out normals calibrate the threshold even when the search
+    is disabled.
     """
     syn = cfg.synthesis
     n = len(samples)
     if syn.holdout_fraction == 0:
         return list(samples), []
-    n_hold = max(syn.min_holdout, int(round(syn.holdout_fraction * n)))
-    if n - n_hold < 2:
+    draws = np.array([holdout_draw(seed, s.image_id) for s in samples])
+    hold = draws < syn.holdout_fraction
+    if hold.sum() < syn.min_holdout:
+        hold = np.zeros(n, dtype=bool)
+        hold[np.argsort(draws, kind="stable")[: syn.min_holdout]] = True
+    if n - hold.sum() < 2:
         log.warning("a category with %d train images is too small to hold out pseudo-validation "
                     "normals; it is left out of the search and the calibration", n)
         return list(samples), []
-    order = np.random.default_rng(seed).permutation(n)
-    hold = sorted(order[:n_hold])
-    keep = sorted(order[n_hold:])
-    return [samples[i] for i in keep], [samples[i] for i in hold]
+    return [s for s, h in zip(samples, hold) if not h], [s for s, h in zip(samples, hold) if h]
 
 
 @dataclass(frozen=True)
@@ -122,12 +133,12 @@ class TrainingPlan:
 
 
 def plan_training(categories: Sequence[Category], cfg: PipelineConfig) -> TrainingPlan:
-    """All categories' train/good -> TrainingPlan (held-out normals drawn per category from cfg.seed)."""
+    """All categories' train/good -> TrainingPlan (held-out normals drawn per image from cfg.seed)."""
     ok, skipped = trainable(categories)
     fit: list[Sample] = []
     holdout: list[Sample] = []
-    for i, c in enumerate(ok):
-        keep, hold = split_holdout(c.train, cfg, cfg.seed + i)
+    for c in ok:
+        keep, hold = split_holdout(c.train, cfg, cfg.seed)
         fit += keep
         holdout += hold
     return TrainingPlan(ok, skipped, fit, holdout)
@@ -247,6 +258,95 @@ def training_view(raw: np.ndarray, cfg: PipelineConfig, backbone: dict) -> torch
     return apply_view(torch.from_numpy(raw), cfg.features, channels, native_grids(backbone, cfg.data.image_size))
 
 
+@dataclass(frozen=True)
+class Banks:
+    """LafitE's bank [M, D] (normalised view), PatchCore's [M', D'] (raw baseline view; None unless
+    baseline.recipe is patchcore), where their rows come from, and how a warm start merged them."""
+
+    bank: np.ndarray
+    baseline: np.ndarray | None
+    sources: BankSources
+    merge: dict | None  # per bank: kept rows, images selected over, merged and rebuilt categories; None: built anew
+
+
+def _merge_refusal(cfg: PipelineConfig, warm_start: WarmStart | None) -> str | None:
+    """Why the banks cannot merge the parent's (None when they can)."""
+    if warm_start is None:
+        return "no warm start"
+    if not cfg.coreset.merge:
+        return "coreset.merge is off"
+    parent = warm_start.config
+    if warm_start.sources is None or parent is None:
+        return f"the parent {warm_start.parent_version} does not record where its bank rows come from"
+    if parent.coreset.model_dump(exclude={"merge"}) != cfg.coreset.model_dump(exclude={"merge"}):
+        return "the parent's coreset settings differ"
+    if parent.seed != cfg.seed:
+        return f"the parent's seed differs ({parent.seed} -> {cfg.seed})"
+    return None
+
+
+def _bank_rows(patches: np.ndarray, per_image: int, features: TrainingFeatures, coreset: CoresetConfig, seed: int,
+               parent: tuple[np.ndarray, int] | None, sources: BankSources | None) -> tuple[np.ndarray, dict | None]:
+    """One bank's rows among ``patches``: merged with the parent's (``parent``: its rows and patches
+    an image) when given, else selected over every image."""
+    if parent is None or sources is None:
+        return bank_rows(patches, per_image, features.groups, coreset, seed), None
+    plan = merge_plan(sources, parent[0], parent[1], [e.id for e in features.entries],
+                      [e.content_hash for e in features.entries], features.groups, per_image)
+    rows = bank_rows(patches, per_image, features.groups, coreset, seed, plan.images, plan.kept)
+    return rows, {"kept_rows": int(plan.kept.size), "selected_over_images": int(plan.images.size),
+                  "merged": list(plan.merged), "rebuilt": plan.rebuilt}
+
+
+def build_banks(normalized: torch.Tensor, features: TrainingFeatures, cfg: PipelineConfig,
+                channels: Sequence[int] | None, grids: Sequence[int] | None, warm_start: WarmStart | None) -> Banks:
+    """LafitE's coreset of the normalised view (eq. 9) and PatchCore's of its raw view, over all fitted images.
+
+    A warm start with ``coreset.merge`` keeps the parent's rows of each category whose fitted images
+    are all still fitted and runs the coreset over that category's new images only
+    (:func:`coreset.merge_plan`); a category that lost or changed images is rebuilt. Either way the
+    rows are patches of the current features, so a merged bank holds exactly the values a rebuilt
+    one would for the same rows.
+    """
+    refusal = _merge_refusal(cfg, warm_start)
+    src = None if refusal is not None else warm_start.sources
+    if warm_start is not None and refusal is not None:
+        log.info("coresets: built over all %d images (not merged: %s)", len(features.entries), refusal)
+    n, _, h, w = normalized.shape
+    patches = flat_patches(normalized)
+    rows, merge = _bank_rows(patches, h * w, features, cfg.coreset, cfg.seed,
+                             None if src is None else (src.rows, src.per_image), src)
+    bank = np.ascontiguousarray(patches[rows])
+    del patches
+    merges = {} if merge is None else {"lafite": merge}
+    baseline = baseline_rows = None
+    baseline_per_image = 0
+    if cfg.baseline.recipe == "patchcore":
+        view = apply_view(torch.from_numpy(features.raw), cfg.baseline.view, channels, grids)
+        baseline_per_image = view.shape[2] * view.shape[3]
+        parent = None
+        if src is not None and src.baseline_rows is not None and warm_start.config.baseline == cfg.baseline:
+            parent = (src.baseline_rows, src.baseline_per_image)
+        elif src is not None:
+            log.info("PatchCore coreset: built over all %d images (not merged: the parent's baseline settings "
+                     "differ or it has no PatchCore bank)", n)
+        patches = flat_patches(view)
+        del view
+        baseline_rows, merge = _bank_rows(patches, baseline_per_image, features,
+                                          patchcore.bank_coreset(cfg.baseline, cfg.coreset), cfg.seed, parent, src)
+        baseline = np.ascontiguousarray(patches[baseline_rows])
+        if merge is not None:
+            merges["patchcore"] = merge
+    for name, m in merges.items():
+        log.info("%s coreset merged with the parent %s's: %d rows kept, a coreset over %d images; categories merged "
+                 "%s, rebuilt %s", name, warm_start.parent_version, m["kept_rows"], m["selected_over_images"],
+                 m["merged"] or "none", m["rebuilt"] or "none")
+    sources = BankSources(
+        np.array([e.id for e in features.entries]), np.array([e.content_hash for e in features.entries]),
+        np.asarray(features.groups).astype(str), h * w, rows, baseline_per_image, baseline_rows)
+    return Banks(bank, baseline, sources, merges or None)
+
+
 def train_model(
     features: TrainingFeatures, cfg: PipelineConfig, categories: Sequence[str], backbone: dict,
     device: str | None = None, state: TrainState | None = None,
@@ -281,17 +381,16 @@ def train_model(
     ))
     unet_seconds = time.perf_counter() - started
     state.unet.cpu().eval()
-    bank = patch_bank(normalized, features.groups, cfg.coreset, cfg.seed)
+    banks = build_banks(normalized, features, cfg, channels, grids, warm_start)
     del normalized
-    baseline_bank = None
-    if cfg.baseline.recipe == "patchcore":
-        baseline_bank = patchcore.build_bank(torch.from_numpy(raw), features.groups, cfg.baseline, cfg.coreset,
-                                             channels, grids, cfg.seed)
     model = LafiteModel(
-        config=cfg, stats=stats, unet=state.unet, bank=bank, categories=tuple(sorted(categories)), backbone=backbone,
-        extra={"config_hash": config_hash(cfg), "train_images": len(features.entries), "bank_size": int(bank.shape[0]),
-               **({} if baseline_bank is None else {"baseline_bank_size": int(baseline_bank.shape[0])})},
-        baseline_bank=baseline_bank,
+        config=cfg, stats=stats, unet=state.unet, bank=banks.bank, categories=tuple(sorted(categories)),
+        backbone=backbone,
+        extra={"config_hash": config_hash(cfg), "train_images": len(features.entries),
+               "bank_size": int(banks.bank.shape[0]),
+               **({} if banks.baseline is None else {"baseline_bank_size": int(banks.baseline.shape[0])}),
+               **({} if banks.merge is None else {"bank_merge": banks.merge})},
+        baseline_bank=banks.baseline, bank_sources=banks.sources,
     )
     return Trained(model, list(state.losses), state.epoch, str(dev), resumed, precision,
                    None if warm_start is None else warm_start.parent_version,

@@ -6,7 +6,9 @@ the same view of them (``features``: levels and local averaging) and the same ne
 schedule (:data:`UNET_SHAPE` of ``diffusion``). The run then trains ``diffusion.warm_start_fraction``
 of the budget (:func:`training_budget`) over all current training features, with the current
 config's optimiser settings and a fresh optimiser state (a version keeps the weights, not the
-optimiser). Statistics, coreset, search and calibration run as from scratch.
+optimiser). Statistics, search and calibration run as from scratch; the coresets keep the parent's
+rows of categories whose fitted images are all still fitted and select over the new images only
+(``coreset.merge``; ``stages.build_banks``).
 
     choose_parent     "latest" | VERSION | "none" -> a compatible parent version, or None
     load_warm_start   a parent version -> its U-Net weights (verified against the manifest)
@@ -25,6 +27,9 @@ import torch
 from pydantic import ValidationError
 
 from lafite_core.config import DiffusionConfig, PipelineConfig
+from lafite_core.method.coreset import BankSources
+from lafite_core.method.model import BANK_SOURCES
+from lafite_core.store import layout
 from lafite_core.store.feature_store import feature_key
 from lafite_core.store.storage import Store
 
@@ -38,10 +43,14 @@ UNET_SHAPE = ("timesteps", "base_channels", "channel_mult", "num_res_blocks", "a
 
 @dataclass(frozen=True)
 class WarmStart:
-    """A compatible parent version and its U-Net state dict (tensors on the CPU)."""
+    """A compatible parent version, its U-Net state dict (tensors on the CPU) and, for merging its
+    coresets (``coreset.merge``), its config and where its bank rows come from (None for versions
+    written before they recorded it)."""
 
     parent_version: str
     weights: dict[str, torch.Tensor]
+    config: PipelineConfig | None = None
+    sources: BankSources | None = None
 
 
 def _differences(prefix: str, a: dict[str, Any], b: dict[str, Any], fields: tuple[str, ...] | None = None) -> list[str]:
@@ -122,10 +131,13 @@ def choose_parent(store: Store, choice: str, cfg: PipelineConfig, logger: loggin
 
 
 def load_warm_start(store: Store, version: str) -> WarmStart:
-    """A version's U-Net weights, verified against its manifest and loaded with weights_only=True."""
+    """A version's U-Net weights (loaded with weights_only=True), config and bank sources, each
+    verified against its manifest."""
     data = store.load_model_file(version, "unet.pt")
     weights = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    return WarmStart(version, dict(weights))
+    listed = store.read_json(*layout.model_file(version, layout.MANIFEST))["files"]
+    sources = BankSources.from_bytes(store.load_model_file(version, BANK_SOURCES)) if BANK_SOURCES in listed else None
+    return WarmStart(version, dict(weights), parent_config(store, version), sources)
 
 
 def warm_start_from(store: Store, choice: str, cfg: PipelineConfig, logger: logging.Logger | logging.LoggerAdapter = log) -> WarmStart | None:

@@ -1,8 +1,18 @@
+import dataclasses
+
 import numpy as np
 import pytest
 
 from lafite_core.config import CoresetConfig
-from lafite_core.method.coreset import covering_radius, greedy_kcenter, project, select_coreset
+from lafite_core.method.coreset import (
+    BankSources,
+    bank_rows,
+    covering_radius,
+    greedy_kcenter,
+    merge_plan,
+    project,
+    select_coreset,
+)
 
 import torch
 
@@ -70,3 +80,90 @@ def test_projection_preserves_distances_roughly():
 def test_bad_input():
     with pytest.raises(ValueError):
         select_coreset(np.zeros((0, 4), np.float32), CoresetConfig(), 0)
+
+
+# --------------------------------------------------------------------------- merging a parent's bank (warm start)
+
+PER_IMAGE = 16
+MERGE_CFG = CoresetConfig(keep_rate=0.05, projection_dim=16, chunk_size=1000)
+
+
+def _images(n, seed):
+    """n images of PER_IMAGE patches from _points' mixture: [n * PER_IMAGE, 16]."""
+    return _points(n * PER_IMAGE, 16, seed)
+
+
+def _sources(ids, groups, rows):
+    ids = np.array(ids)
+    return BankSources(ids, np.array([f"h-{i}" for i in ids]), np.array(groups), PER_IMAGE, rows)
+
+
+def test_a_merged_bank_keeps_the_parents_rows_and_covers_every_patch_as_its_chunks_do():
+    # parent: 120 images of "a" and 60 of "b"; tonight: the same images in another order plus 24 + 12 new ones
+    old = {"a": _images(120, 0).reshape(120, PER_IMAGE, 16), "b": _images(60, 1).reshape(60, PER_IMAGE, 16)}
+    new = {"a": _images(24, 2).reshape(24, PER_IMAGE, 16), "b": _images(12, 3).reshape(12, PER_IMAGE, 16)}
+    p_ids = [f"{g}/{i}" for g in "ab" for i in range(len(old[g]))]
+    p_groups = np.array([i.split("/")[0] for i in p_ids])
+    p_patches = np.concatenate([old["a"], old["b"]]).reshape(-1, 16)
+    parent = _sources(p_ids, p_groups, bank_rows(p_patches, PER_IMAGE, p_groups, MERGE_CFG, 0))
+
+    order = np.random.default_rng(5).permutation(len(p_ids))  # the store returns images in another order
+    ids = [p_ids[i] for i in order] + [f"{g}/new{i}" for g in "ab" for i in range(len(new[g]))]
+    groups = np.array([i.split("/")[0] for i in ids])
+    patches = np.concatenate([p_patches.reshape(-1, PER_IMAGE, 16)[order], new["a"], new["b"]]).reshape(-1, 16)
+    hashes = [f"h-{i}" for i in ids]
+    plan = merge_plan(parent, parent.rows, PER_IMAGE, ids, hashes, groups, PER_IMAGE)
+    assert plan.merged == ("a", "b") and plan.rebuilt == {}
+    assert sorted(plan.images.tolist()) == list(range(len(p_ids), len(ids)))  # only the new images
+    np.testing.assert_array_equal(np.sort(patches[plan.kept], axis=0), np.sort(p_patches[parent.rows], axis=0))
+
+    merged = bank_rows(patches, PER_IMAGE, groups, MERGE_CFG, 0, plan.images, plan.kept)
+    rebuilt = bank_rows(patches, PER_IMAGE, groups, MERGE_CFG, 0)
+    assert np.unique(merged).size == merged.size and abs(merged.size - rebuilt.size) <= 4  # keep rate, per chunk
+    assert set(plan.kept.tolist()) <= set(merged.tolist())
+    for g in "ab":  # each category keeps its share
+        assert abs(int((groups[merged // PER_IMAGE] == g).sum()) - int((groups[rebuilt // PER_IMAGE] == g).sum())) <= 2
+    # every old patch is covered by its parent chunk's centres, every new one by the new chunks' centres
+    old_rows = np.arange(len(p_ids) * PER_IMAGE)
+    new_rows = np.arange(len(p_ids) * PER_IMAGE, len(patches))
+    bound = max(covering_radius(patches[old_rows], np.searchsorted(old_rows, plan.kept)),
+                covering_radius(patches[new_rows], np.searchsorted(new_rows, np.setdiff1d(merged, plan.kept))))
+    r_merged, r_rebuilt = covering_radius(patches, merged), covering_radius(patches, rebuilt)
+    assert r_merged <= bound + 1e-4
+    assert r_merged <= 1.25 * r_rebuilt, (r_merged, r_rebuilt)
+    rand = np.random.default_rng(0).choice(len(patches), merged.size, replace=False)
+    assert r_merged < covering_radius(patches, rand)
+
+
+def test_a_category_that_lost_or_changed_an_image_is_rebuilt():
+    p_ids = [f"a/{i}" for i in range(40)] + [f"b/{i}" for i in range(40)]
+    p_groups = np.array([i[0] for i in p_ids])
+    p_patches = _images(80, 0)
+    parent = _sources(p_ids, p_groups, bank_rows(p_patches, PER_IMAGE, p_groups, MERGE_CFG, 0))
+    ids = p_ids[1:]  # a/0 removed (or now held out)
+    groups = np.array([i[0] for i in ids])
+    hashes = [f"h-{i}" for i in ids]
+    hashes[-1] = "changed"  # b/39 has new content
+    plan = merge_plan(parent, parent.rows, PER_IMAGE, ids, hashes, groups, PER_IMAGE)
+    assert plan.merged == () and set(plan.rebuilt) == {"a", "b"} and plan.kept.size == 0
+    assert "1 of the parent's 40 images" in plan.rebuilt["a"] and plan.images.size == len(ids)
+    plan = merge_plan(parent, parent.rows, PER_IMAGE, p_ids[:40] + ids[39:-1], [f"h-{i}" for i in p_ids[:79]],
+                      p_groups[:79], PER_IMAGE)  # b/39 removed: a merges, b is rebuilt
+    assert plan.merged == ("a",) and list(plan.rebuilt) == ["b"]
+    assert (p_groups[plan.kept // PER_IMAGE] == "a").all() and sorted(plan.images.tolist()) == list(range(40, 79))
+    c = merge_plan(parent, parent.rows, PER_IMAGE, p_ids + ["c/0", "c/1"], [f"h-{i}" for i in p_ids] + ["x", "y"],
+                   np.concatenate([p_groups, ["c", "c"]]), PER_IMAGE)
+    assert c.merged == ("a", "b") and c.rebuilt == {"c": "the parent did not fit on it"}
+    with pytest.raises(ValueError, match="patches an image"):
+        merge_plan(parent, parent.rows, PER_IMAGE, p_ids, [f"h-{i}" for i in p_ids], p_groups, 4)
+
+
+def test_bank_sources_round_trip():
+    s = BankSources(np.array(["d/c/train/good/0", "d/c/train/good/1"]), np.array(["x" * 64, "y" * 64]),
+                    np.array(["d/c", "d/c"]), 784, np.array([3, 900]), 196, np.array([5]))
+    t = BankSources.from_bytes(s.to_bytes())
+    for f in ("ids", "hashes", "groups", "rows", "baseline_rows"):
+        np.testing.assert_array_equal(getattr(s, f), getattr(t, f))
+    assert (t.per_image, t.baseline_per_image) == (784, 196)
+    u = BankSources.from_bytes(dataclasses.replace(s, baseline_rows=None, baseline_per_image=0).to_bytes())
+    assert u.baseline_rows is None

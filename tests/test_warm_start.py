@@ -8,6 +8,7 @@ import logging
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -15,12 +16,21 @@ import yaml
 from flows.cli import build_parser
 from flows.params import TrainParams
 from lafite_core.config import cpu_profile
-from lafite_core.datapath.data import discover
+from lafite_core.datapath.data import Sample, discover
 from lafite_core.method.backbone import FeatureExtractor
 from lafite_core.method.precision import resolve_precision
 from lafite_core.method.train import planned_epochs, train_unet
 from lafite_core.pipeline import fit, publish
-from lafite_core.stages import CARD_FILE, backbone_card, plan_training, train_model, training_key
+from lafite_core.method.coreset import patch_bank
+from lafite_core.stages import (
+    CARD_FILE,
+    backbone_card,
+    plan_training,
+    split_holdout,
+    train_model,
+    training_key,
+    training_view,
+)
 from lafite_core.store import layout
 from lafite_core.store.feature_store import FeatureStore, extract_into, read_training_features
 from lafite_core.store.losses import read_losses
@@ -93,6 +103,25 @@ def test_train_unet_starts_from_the_initial_weights():
     for k, v in warm.unet.state_dict().items():  # lr 1e-9: one epoch leaves the parent's weights in place
         torch.testing.assert_close(v, weights[k], atol=1e-6, rtol=0, msg=k)
     assert warm.losses[0] < fresh.losses[0]
+
+
+def test_the_held_out_split_is_per_image_so_added_images_move_no_earlier_one():
+    cfg = cpu_profile()  # holds out 20%, at least 2
+
+    def samples(n, category="c"):
+        return [Sample(f"/d/{category}/train/good/{i:04d}.png", "d", category, "train", "good") for i in range(n)]
+
+    fit0, hold0 = split_holdout(samples(500), cfg, 0)
+    assert 70 <= len(hold0) <= 130 and len(fit0) + len(hold0) == 500  # about 20%
+    fit1, hold1 = split_holdout(samples(550), cfg, 0)
+    assert set(fit0) <= set(fit1) and set(hold0) <= set(hold1)  # the 50 new images fall on either side
+    assert split_holdout(samples(500), cfg, 1)[1] != hold0  # another seed, another draw
+    assert split_holdout(samples(500, "other"), cfg, 0)[1] != hold0  # each image its own draw
+    small_fit, small_hold = split_holdout(samples(6), cfg, 0)
+    assert len(small_hold) >= 2 and len(small_fit) >= 2
+    bigger_fit, _ = split_holdout(samples(7), cfg, 0)
+    assert set(small_fit) <= set(bigger_fit)  # the lowest draws stay held out as the category grows
+    assert split_holdout(samples(3), cfg, 0) == (samples(3), [])  # too small to hold out two
 
 
 # --------------------------------------------------------------------------- against a store
@@ -221,6 +250,38 @@ def test_pipeline_fit_warm_starts_and_the_card_names_the_parent(parent_store, sm
     assert card["train_images"] == 12
     assert [v.version for v in store.list_versions()] == [version, child]
     assert choose_parent(store, "latest", cfg) == child  # the next night starts from this one
+
+    # the coresets kept every parent row (the parent's fitted images are all still fitted) and added the new ones
+    parent, mine = load_warm_start(store, version).sources, load_warm_start(store, child).sources
+    keys = sorted(c.key for c in discover(str(small_demo.root)))
+    for name, rows, per in (("lafite", "rows", "per_image"), ("patchcore", "baseline_rows", "baseline_per_image")):
+        merge = fitted.model.extra["bank_merge"][name]
+        assert (merge["merged"], merge["rebuilt"], merge["kept_rows"]) == (keys, {}, getattr(parent, rows).size)
+        assert 0 < merge["selected_over_images"] < 12
+
+        def patches(src):
+            p = getattr(src, per)
+            return {(str(src.ids[r // p]), str(src.hashes[r // p]), int(r % p)) for r in getattr(src, rows)}
+
+        assert patches(parent) < patches(mine)
+    assert mine.rows.size == fitted.model.bank.shape[0] and mine.baseline_rows.size == fitted.model.baseline_bank.shape[0]
+    assert mine.ids.size == 12 and set(parent.ids.tolist()) < set(mine.ids.tolist())
+
+
+def test_without_merge_a_warm_start_rebuilds_the_banks(parent_store, small_demo, tiny_overrides, tmp_path, caplog):
+    url, version = parent_store
+    store = Store(_copy(url, tmp_path))
+    cfg = _config(small_demo.root, tiny_overrides, coreset={"merge": False})
+    plan = plan_training(discover(str(small_demo.root)), cfg)
+    card = backbone_card(FeatureExtractor(cfg.backbone))
+    _extract(store.root_url, cfg, plan, card)
+    features = read_training_features(FeatureStore(store, cfg, card), plan.fit)
+    with caplog.at_level(logging.INFO, logger="lafite_core.stages"):
+        trained = train_model(features, cfg, plan.category_keys, card, "cpu", warm_start=load_warm_start(store, version))
+    assert "bank_merge" not in trained.model.extra
+    assert any("not merged: coreset.merge is off" in r.getMessage() for r in caplog.records)
+    normalized = trained.model.stats.apply(training_view(features.raw, cfg, card))
+    np.testing.assert_array_equal(trained.model.bank, patch_bank(normalized, features.groups, cfg.coreset, cfg.seed))
 
 
 def test_train_flow_warm_starts_from_latest(parent_store, small_demo, tiny_overrides, tmp_path, prefect_harness,

@@ -16,12 +16,20 @@ selection for that chunk, but chunks do not see each other's centres, so where t
 same region of feature space both place centres there (some redundancy), and the covering radius of
 the union can be larger than that of global greedy. ``covering_radius`` measures it; the tests bound
 the ratio against exact greedy on a set small enough for both.
+
+A warm start merges (``coreset.merge``): the parent's rows over images that are still fitted stay,
+and new chunks over the new images add theirs (:func:`merge_plan`, :func:`bank_rows`). That is the
+same approximation as above with another chunking (old patches in the parent's chunks, new ones in
+new chunks), so each patch stays covered by its own chunk's centres. ``BankSources`` records, with
+every model, which fitted image and position each bank row is.
 """
 
 from __future__ import annotations
 
+import io
 import math
-from typing import NamedTuple
+from dataclasses import dataclass
+from typing import NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -111,16 +119,122 @@ def select_coreset(
     return Coreset(np.concatenate(chosen).astype(np.int64), num_chunks)
 
 
+def flat_patches(features: torch.Tensor) -> np.ndarray:
+    """Feature maps [N, D, h, w] -> patches [N * h * w, D] float32, row = image * h * w + position."""
+    n, d, h, w = features.shape
+    return np.ascontiguousarray(features.permute(0, 2, 3, 1).reshape(-1, d).cpu().numpy(), dtype=np.float32)
+
+
+def bank_rows(patches: np.ndarray, per_image: int, groups: np.ndarray, cfg: CoresetConfig, seed: int,
+              images: np.ndarray | None = None, kept: np.ndarray | None = None) -> np.ndarray:
+    """The memory bank's rows among ``patches`` [N * per_image, D] (eq. 9), sorted: image, then position.
+
+    ``groups`` [N]: category keys (the coreset runs per category first). Without ``images``, the
+    coreset runs over every image. A merge (:func:`merge_plan`) passes ``images``, the image rows to
+    select over (a category's new images, or all of a rebuilt category's), and ``kept``, patch rows
+    that stay as they are (the parent's selection over images that are still fitted): each patch is
+    still covered by the centres its own chunk selected, as in a coreset built in one go.
+    """
+    codes = np.unique(groups, return_inverse=True)[1].astype(np.int32)
+    images = np.arange(codes.size) if images is None else np.asarray(images, dtype=np.int64)
+    chosen = [np.zeros(0, dtype=np.int64) if kept is None else np.asarray(kept, dtype=np.int64)]
+    if images.size:
+        rows = (images[:, None] * per_image + np.arange(per_image)).reshape(-1)
+        core = select_coreset(patches[rows], cfg, seed, groups=np.repeat(codes[images], per_image))
+        chosen.append(rows[core.indices])
+    return np.sort(np.concatenate(chosen))
+
+
 def patch_bank(features: torch.Tensor, groups: np.ndarray, cfg: CoresetConfig, seed: int) -> np.ndarray:
     """Feature maps [N, D, h, w] with category keys [N] -> memory bank [M, D] (eq. 9), per category first.
 
     Rows are the coreset patches in their original order (image, then position), float32.
     """
-    n, d, h, w = features.shape
-    patches = np.ascontiguousarray(features.permute(0, 2, 3, 1).reshape(-1, d).cpu().numpy(), dtype=np.float32)
-    codes = np.unique(groups, return_inverse=True)[1].astype(np.int32)
-    core = select_coreset(patches, cfg, seed, groups=np.repeat(codes, h * w))
-    return np.ascontiguousarray(patches[np.sort(core.indices)])
+    patches = flat_patches(features)
+    return np.ascontiguousarray(patches[bank_rows(patches, features.shape[2] * features.shape[3], groups, cfg, seed)])
+
+
+@dataclass(frozen=True)
+class BankSources:
+    """Where a model's bank rows come from, so that a warm start can keep them (``coreset.merge``).
+
+    ``ids``, ``hashes``, ``groups`` [N]: the fitted images (image id, content hash, category key);
+    ``rows`` [M]: each LafitE bank row's patch (image * per_image + position) in that order;
+    ``baseline_rows`` [M']: the same for PatchCore's bank (its own view's grid, ``baseline_per_image``).
+    """
+
+    ids: np.ndarray
+    hashes: np.ndarray
+    groups: np.ndarray
+    per_image: int
+    rows: np.ndarray
+    baseline_per_image: int = 0
+    baseline_rows: np.ndarray | None = None
+
+    def to_bytes(self) -> bytes:
+        buf = io.BytesIO()
+        arrays = {"ids": self.ids.astype(str), "hashes": self.hashes.astype(str), "groups": self.groups.astype(str),
+                  "per_image": np.int64(self.per_image), "rows": self.rows.astype(np.int64),
+                  "baseline_per_image": np.int64(self.baseline_per_image)}
+        if self.baseline_rows is not None:
+            arrays["baseline_rows"] = self.baseline_rows.astype(np.int64)
+        np.savez(buf, **arrays)
+        return buf.getvalue()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> "BankSources":
+        with np.load(io.BytesIO(data), allow_pickle=False) as z:
+            return cls(z["ids"], z["hashes"], z["groups"], int(z["per_image"]), z["rows"], int(z["baseline_per_image"]),
+                       z["baseline_rows"] if "baseline_rows" in z.files else None)
+
+
+@dataclass(frozen=True)
+class MergePlan:
+    """What :func:`bank_rows` keeps and what it selects over, for one bank."""
+
+    kept: np.ndarray  # patch rows of the current features kept from the parent
+    images: np.ndarray  # image rows the coreset runs over (new images; every image of a rebuilt category)
+    merged: tuple[str, ...]  # categories that kept the parent's rows
+    rebuilt: dict[str, str]  # category -> why it was built anew
+
+
+def merge_plan(parent: BankSources, parent_rows: np.ndarray, parent_per_image: int, ids: Sequence[str],
+               hashes: Sequence[str], groups: np.ndarray, per_image: int) -> MergePlan:
+    """Which parent bank rows a warm start keeps, and which images it selects a coreset over.
+
+    Per category: when every image the parent fitted on is still fitted with the same content (the
+    held-out split is per image, so adding images moves none), its rows stay (mapped to the current
+    image rows) and the coreset runs over the category's new images only; otherwise (an image
+    removed, changed or now held out; a category the parent did not have) the category is rebuilt.
+    """
+    if parent_per_image != per_image:
+        raise ValueError(f"the parent's bank has {parent_per_image} patches an image, these features {per_image}")
+    current = {(i, h): n for n, (i, h) in enumerate(zip(ids, hashes))}
+    kept: list[np.ndarray] = []
+    images: list[np.ndarray] = []
+    merged: list[str] = []
+    rebuilt: dict[str, str] = {}
+    parent_image = parent_rows // per_image
+    for g in sorted(set(groups.tolist())):
+        members = np.flatnonzero(groups == g)
+        own = np.flatnonzero(parent.groups == g)
+        where = [current.get((str(parent.ids[p]), str(parent.hashes[p]))) for p in own]
+        gone = sum(w is None or groups[w] != g for w in where)
+        if own.size == 0 or gone:
+            rebuilt[g] = ("the parent did not fit on it" if own.size == 0 else
+                          f"{gone} of the parent's {own.size} images are no longer fitted on (removed, changed or "
+                          f"held out)")
+            images.append(members)
+            continue
+        to_current = np.full(parent.ids.size, -1, dtype=np.int64)
+        to_current[own] = where
+        mine = np.isin(parent_image, own)
+        kept.append(to_current[parent_image[mine]] * per_image + parent_rows[mine] % per_image)
+        images.append(np.setdiff1d(members, to_current[own]))
+        merged.append(g)
+    empty = np.zeros(0, dtype=np.int64)
+    return MergePlan(np.concatenate(kept) if kept else empty, np.concatenate(images) if images else empty,
+                     tuple(merged), rebuilt)
 
 
 def covering_radius(points: np.ndarray, centre_rows: np.ndarray, batch: int = 8192) -> float:

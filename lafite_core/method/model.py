@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from lafite_core.config import PipelineConfig, config_hash
+from lafite_core.method.coreset import BankSources
 from lafite_core.method.ddim import DDIMSampler
 from lafite_core.method.editing import edit_features
 from lafite_core.method.knn import Neighbours, ivf_centroids, ivf_lists, knn_for
@@ -38,7 +39,8 @@ from lafite_core.method.views import apply_view, native_grids
 MODEL_FILES = ("unet.pt", "stats.npz", "bank.npy", "model.json")
 BASELINE_BANK = "baseline_bank.npy"  # one more model file, with baseline.recipe "patchcore"
 BANK_CENTROIDS = "bank_centroids.npy"  # one more, with scoring.knn "ivf": the inverted file's lists
-OPTIONAL_MODEL_FILES = (BASELINE_BANK, BANK_CENTROIDS)
+BANK_SOURCES = "bank_sources.npz"  # which fitted image and position each bank row is (a warm start merges them)
+OPTIONAL_MODEL_FILES = (BASELINE_BANK, BANK_CENTROIDS, BANK_SOURCES)
 
 
 def _npy(array: np.ndarray) -> bytes:
@@ -66,6 +68,7 @@ class LafiteModel:
     # [L, D] k-means centroids of ``bank`` (scoring.knn "ivf"): computed once here when not given, saved
     # with the model, so every process that loads it builds the same inverted file
     bank_centroids: np.ndarray | None = None
+    bank_sources: BankSources | None = None  # where the bank rows come from (for a warm start's merge)
 
     def __post_init__(self) -> None:
         if self.config.baseline.recipe == "patchcore" and self.baseline_bank is None:
@@ -132,6 +135,8 @@ class LafiteModel:
             files[BASELINE_BANK] = _npy(self.baseline_bank)
         if self.bank_centroids is not None:
             files[BANK_CENTROIDS] = _npy(self.bank_centroids)
+        if self.bank_sources is not None:
+            files[BANK_SOURCES] = self.bank_sources.to_bytes()
         return files
 
     @classmethod
@@ -164,6 +169,7 @@ class LafiteModel:
             if BASELINE_BANK in files else None,
             bank_centroids=np.load(io.BytesIO(files[BANK_CENTROIDS]), allow_pickle=False)
             if BANK_CENTROIDS in files else None,
+            bank_sources=BankSources.from_bytes(files[BANK_SOURCES]) if BANK_SOURCES in files else None,
         )
 
 

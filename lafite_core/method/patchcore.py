@@ -23,15 +23,18 @@ import torch
 import torch.nn.functional as F
 
 from lafite_core.config import BaselineConfig, CoresetConfig
-from lafite_core.method.coreset import patch_bank
+from lafite_core.method.coreset import flat_patches, patch_bank
 from lafite_core.method.knn import KNN
 from lafite_core.method.scoring import AnomalyMaps, to_anomaly_maps
 from lafite_core.method.views import apply_view
 
 
-def patches(x: torch.Tensor) -> np.ndarray:
-    """[N, D, h, w] -> [N*h*w, D] float32 C-contiguous (row-major over images, then positions)."""
-    return np.ascontiguousarray(x.permute(0, 2, 3, 1).reshape(-1, x.shape[1]).cpu().numpy(), dtype=np.float32)
+patches = flat_patches  # [N, D, h, w] -> [N*h*w, D] float32 (row-major over images, then positions)
+
+
+def bank_coreset(baseline: BaselineConfig, coreset: CoresetConfig) -> CoresetConfig:
+    """The coreset settings of PatchCore's bank: LafitE's, at the baseline's keep rate."""
+    return coreset.model_copy(update={"keep_rate": baseline.keep_rate})
 
 
 def build_bank(raw: torch.Tensor, groups: np.ndarray, baseline: BaselineConfig, coreset: CoresetConfig,
@@ -39,8 +42,7 @@ def build_bank(raw: torch.Tensor, groups: np.ndarray, baseline: BaselineConfig, 
     """Raw training features [N, D, h, w], category keys [N] -> PatchCore bank [M, D'] (coreset per category first).
 
     ``channels`` and ``grids``: the stored levels' channel counts and native grid sides (see views)."""
-    return patch_bank(apply_view(raw, baseline.view, channels, grids), groups,
-                      coreset.model_copy(update={"keep_rate": baseline.keep_rate}), seed)
+    return patch_bank(apply_view(raw, baseline.view, channels, grids), groups, bank_coreset(baseline, coreset), seed)
 
 
 def reweighted_scores(query: np.ndarray, nearest_sq: np.ndarray, nearest_idx: np.ndarray, bank: np.ndarray,
