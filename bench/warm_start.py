@@ -4,7 +4,8 @@ A parent model is trained from scratch on a seeded 90% of each category's train/
 features cached in a Zarr store, as the nightly flow keeps them). The store is copied twice; then,
 with all train/good images, (a) warm-starts from the parent (``lafite_core.warm_start``: only the
 new images are extracted, the U-Net is fine-tuned for ``diffusion.warm_start_fraction`` of the
-budget, coreset, search and calibration as usual) and (b) trains from scratch (only the new images
+budget, the coresets keep the parent's rows and select over the new images (``coreset.merge``),
+search and calibration as usual) and (b) trains from scratch (only the new images
 are extracted there too). The three models score every category's test set (extracted once) with
 LafitE and the PatchCore baseline. Target: (a) takes <= 30% of (b)'s time, within 0.5 AUROC points.
 
@@ -78,6 +79,7 @@ class Run:
     epochs: int
     parent: str | None
     rows: list[dict]
+    bank_merge: dict | None = None  # how the coresets merged the parent's (model.extra["bank_merge"]); None: built anew
 
     def metric(self, category: str | None, method: str, field: str) -> float:
         vals = [r[field] for r in self.rows if r["method"] == method and category in (None, r["category"])]
@@ -105,7 +107,7 @@ def train(name: str, categories: list[Category], cfg: PipelineConfig, extractor:
           file=sys.stderr, flush=True)
     rows = test_rows(Scorer(fitted.model), tests, METHODS)
     return Run(name, fitted.trained.model.extra["train_images"], after - before, seconds, fitted.trained.epochs,
-               fitted.trained.parent_version, rows), version
+               fitted.trained.parent_version, rows, fitted.model.extra.get("bank_merge")), version
 
 
 def markdown(args, cfg: PipelineConfig, runs: dict[str, Run], tests: list[TestSet], mach, started: float) -> str:
@@ -142,6 +144,11 @@ def markdown(args, cfg: PipelineConfig, runs: dict[str, Run], tests: list[TestSe
         out.append(f"| {label[key]} | {r.train_images} | {r.new_images} | {r.epochs} | {s['extract']:.0f} | "
                    f"{s['unet']:.0f} | {s['unet_and_coresets']:.0f} | {s['search_and_calibration']:.0f} | "
                    f"{s['total']:.0f} |")
+    merge = warm.bank_merge
+    out += ["", "Coresets of (a): " + ("built over all images (no merge)" if not merge else "; ".join(
+        f"{NAMES[name]} kept {m['kept_rows']} of the parent's rows and selected over {m['selected_over_images']} "
+        f"images (categories merged: {', '.join(m['merged']) or 'none'}; rebuilt: "
+        f"{', '.join(f'{k} ({v})' for k, v in m['rebuilt'].items()) or 'none'})" for name, m in merge.items()))]
     out += ["", "Detection / localisation AUROC (%):", "",
             "| run | " + " | ".join(f"{NAMES[m]} {c}" for m in METHODS for c in [*cats, "mean"]) + " |",
             "|---|" + "---|" * (len(METHODS) * (len(cats) + 1))]
