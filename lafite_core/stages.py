@@ -341,9 +341,8 @@ def build_banks(normalized: torch.Tensor, features: TrainingFeatures, cfg: Pipel
         log.info("%s coreset merged with the parent %s's: %d rows kept, a coreset over %d images; categories merged "
                  "%s, rebuilt %s", name, warm_start.parent_version, m["kept_rows"], m["selected_over_images"],
                  m["merged"] or "none", m["rebuilt"] or "none")
-    sources = BankSources(
-        np.array([e.id for e in features.entries]), np.array([e.content_hash for e in features.entries]),
-        np.asarray(features.groups).astype(str), h * w, rows, baseline_per_image, baseline_rows)
+    sources = BankSources.of([e.id for e in features.entries], [e.content_hash for e in features.entries],
+                             features.groups, h * w, rows, baseline_per_image, baseline_rows)
     return Banks(bank, baseline, sources, merges or None)
 
 
@@ -580,10 +579,12 @@ def selection_files(selection: Selection) -> dict[str, bytes]:
 
 
 def training_summary(trained: Trained, unreadable: Sequence[tuple[str, str]], skipped: Sequence[str]) -> dict:
-    """The model card's account of training: epochs, loss, device, images, what was left out."""
+    """The model card's account of training: epochs, loss, device, images, what was left out, and
+    for a warm start its parent, the budget's share and how the coresets merged the parent's."""
     return {"trained_epochs": trained.epochs, "final_loss": trained.final_loss, "device": trained.device,
             "precision": trained.precision, "parent_version": trained.parent_version,
             "warm_start_fraction": trained.warm_start_fraction,
+            "coreset_merge": trained.model.extra.get("bank_merge"),  # how a warm start merged the parent's banks
             "train_images": int(trained.model.extra.get("train_images", 0)),
             "unreadable_train_images": [{"url": u, "error": e} for u, e in unreadable],
             "skipped_categories": list(skipped)}

@@ -9,6 +9,7 @@ from lafite_core.method.coreset import (
     bank_rows,
     covering_radius,
     greedy_kcenter,
+    image_keys,
     merge_plan,
     project,
     select_coreset,
@@ -94,8 +95,7 @@ def _images(n, seed):
 
 
 def _sources(ids, groups, rows):
-    ids = np.array(ids)
-    return BankSources(ids, np.array([f"h-{i}" for i in ids]), np.array(groups), PER_IMAGE, rows)
+    return BankSources.of(ids, [f"h-{i}" for i in ids], np.array(groups), PER_IMAGE, rows)
 
 
 def test_a_merged_bank_keeps_the_parents_rows_and_covers_every_patch_as_its_chunks_do():
@@ -158,12 +158,16 @@ def test_a_category_that_lost_or_changed_an_image_is_rebuilt():
         merge_plan(parent, parent.rows, PER_IMAGE, p_ids, [f"h-{i}" for i in p_ids], p_groups, 4)
 
 
-def test_bank_sources_round_trip():
-    s = BankSources(np.array(["d/c/train/good/0", "d/c/train/good/1"]), np.array(["x" * 64, "y" * 64]),
-                    np.array(["d/c", "d/c"]), 784, np.array([3, 900]), 196, np.array([5]))
-    t = BankSources.from_bytes(s.to_bytes())
-    for f in ("ids", "hashes", "groups", "rows", "baseline_rows"):
+def test_bank_sources_round_trip_in_16_bytes_an_image():
+    ids = [f"d/c{i % 2}/train/good/{i:05d}" for i in range(1000)]
+    s = BankSources.of(ids, ["ab" * 32] * 1000, np.array([i.split("/")[1] for i in ids]), 784, np.arange(0, 784_000, 97),
+                       196, np.array([5, 6]))
+    data = s.to_bytes()
+    t = BankSources.from_bytes(data)
+    for f in ("images", "categories", "category", "rows", "baseline_rows"):
         np.testing.assert_array_equal(getattr(s, f), getattr(t, f))
-    assert (t.per_image, t.baseline_per_image) == (784, 196)
+    assert (t.per_image, t.baseline_per_image) == (784, 196) and t.groups.tolist() == [i.split("/")[1] for i in ids]
+    assert len(set(t.images.tolist())) == 1000 and len(data) < 16 * 1000 + 8 * t.rows.size + 2000
+    assert not set(t.images.tolist()) & set(image_keys(ids, ["cd" * 32] * 1000).tolist())  # content is identity
     u = BankSources.from_bytes(dataclasses.replace(s, baseline_rows=None, baseline_per_image=0).to_bytes())
     assert u.baseline_rows is None

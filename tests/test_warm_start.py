@@ -200,8 +200,8 @@ def test_warm_start_fine_tunes_the_fraction_under_its_own_key_and_resumes(parent
     scratch = train_body(a, cfg.to_json(), plan, "scratch", card, [], "cpu")
     assert (warm.parent_version, warm.summary["parent_version"], warm.summary["warm_start_fraction"]) == (
         version, version, 0.25)
-    assert (scratch.parent_version, scratch.summary["parent_version"], scratch.summary["warm_start_fraction"]) == (
-        None, None, None)
+    assert (scratch.parent_version, scratch.summary["parent_version"], scratch.summary["warm_start_fraction"],
+            scratch.summary["coreset_merge"]) == (None, None, None, None)
     assert warm.train_images == scratch.train_images == 12  # fine-tuned over all current features
     budget = training_budget(cfg.diffusion, load_warm_start(Store(a), version))
     assert warm.epochs == planned_epochs(budget, 12) == 2 and scratch.epochs == 8
@@ -261,11 +261,11 @@ def test_pipeline_fit_warm_starts_and_the_card_names_the_parent(parent_store, sm
 
         def patches(src):
             p = getattr(src, per)
-            return {(str(src.ids[r // p]), str(src.hashes[r // p]), int(r % p)) for r in getattr(src, rows)}
+            return {(src.images[r // p].tobytes(), int(r % p)) for r in getattr(src, rows)}
 
         assert patches(parent) < patches(mine)
     assert mine.rows.size == fitted.model.bank.shape[0] and mine.baseline_rows.size == fitted.model.baseline_bank.shape[0]
-    assert mine.ids.size == 12 and set(parent.ids.tolist()) < set(mine.ids.tolist())
+    assert mine.images.size == 12 and set(parent.images.tolist()) < set(mine.images.tolist())
 
 
 def test_without_merge_a_warm_start_rebuilds_the_banks(parent_store, small_demo, tiny_overrides, tmp_path, caplog):
@@ -294,6 +294,10 @@ def test_train_flow_warm_starts_from_latest(parent_store, small_demo, tiny_overr
                                  evaluate=False, warm_start="latest"))
     card = json.loads(Store(store).load_model_file(out.model_version, CARD_FILE))
     assert (card["parent_version"], card["warm_start_fraction"], card["trained_epochs"]) == (version, 0.25, 2)
+    sources = load_warm_start(Store(store), out.model_version).sources  # published through the staged files
+    for name, rows in (("lafite", sources.rows), ("patchcore", sources.baseline_rows)):
+        merge = card["coreset_merge"][name]
+        assert merge["rebuilt"] == {} and len(merge["merged"]) == 3 and 0 < merge["kept_rows"] < rows.size
     with pytest.raises(ValueError, match="does not fit this config"):
         train_flow(TrainParams(data_root=str(small_demo.root), store=store, evaluate=False, warm_start=version,
                                overrides={**tiny_overrides, "diffusion": {**tiny_overrides["diffusion"],

@@ -26,6 +26,7 @@ every model, which fitted image and position each bank row is.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import math
 from dataclasses import dataclass
@@ -154,38 +155,56 @@ def patch_bank(features: torch.Tensor, groups: np.ndarray, cfg: CoresetConfig, s
     return np.ascontiguousarray(patches[bank_rows(patches, features.shape[2] * features.shape[3], groups, cfg, seed)])
 
 
+def image_keys(ids: Sequence[str], hashes: Sequence[str]) -> np.ndarray:
+    """[N] 16-byte digests of (image id, content hash): an image's identity in :class:`BankSources`."""
+    return np.array([hashlib.sha256(f"{i}\0{h}".encode()).digest()[:16] for i, h in zip(ids, hashes)], dtype="S16")
+
+
 @dataclass(frozen=True)
 class BankSources:
     """Where a model's bank rows come from, so that a warm start can keep them (``coreset.merge``).
 
-    ``ids``, ``hashes``, ``groups`` [N]: the fitted images (image id, content hash, category key);
-    ``rows`` [M]: each LafitE bank row's patch (image * per_image + position) in that order;
-    ``baseline_rows`` [M']: the same for PatchCore's bank (its own view's grid, ``baseline_per_image``).
+    ``images`` [N]: the fitted images' identities (:func:`image_keys`: id and content, 16 bytes an
+    image); ``categories`` [C] and ``category`` [N]: each one's category key; ``rows`` [M]: each
+    LafitE bank row's patch (image * ``per_image`` + position) in that order; ``baseline_rows`` [M']:
+    the same for PatchCore's bank (its own view's grid, ``baseline_per_image``).
     """
 
-    ids: np.ndarray
-    hashes: np.ndarray
-    groups: np.ndarray
+    images: np.ndarray
+    categories: np.ndarray
+    category: np.ndarray
     per_image: int
     rows: np.ndarray
     baseline_per_image: int = 0
     baseline_rows: np.ndarray | None = None
 
+    @classmethod
+    def of(cls, ids: Sequence[str], hashes: Sequence[str], groups: np.ndarray, per_image: int, rows: np.ndarray,
+           baseline_per_image: int = 0, baseline_rows: np.ndarray | None = None) -> "BankSources":
+        categories, category = np.unique(np.asarray(groups).astype(str), return_inverse=True)
+        return cls(image_keys(ids, hashes), categories, category.astype(np.int32), per_image, rows,
+                   baseline_per_image, baseline_rows)
+
+    @property
+    def groups(self) -> np.ndarray:
+        """[N] category key of each fitted image."""
+        return self.categories[self.category]
+
     def to_bytes(self) -> bytes:
         buf = io.BytesIO()
-        arrays = {"ids": self.ids.astype(str), "hashes": self.hashes.astype(str), "groups": self.groups.astype(str),
-                  "per_image": np.int64(self.per_image), "rows": self.rows.astype(np.int64),
-                  "baseline_per_image": np.int64(self.baseline_per_image)}
+        arrays = {"images": self.images.astype("S16"), "categories": self.categories.astype(str),
+                  "category": self.category.astype(np.int32), "per_image": np.int64(self.per_image),
+                  "rows": self.rows.astype(np.int64), "baseline_per_image": np.int64(self.baseline_per_image)}
         if self.baseline_rows is not None:
             arrays["baseline_rows"] = self.baseline_rows.astype(np.int64)
-        np.savez(buf, **arrays)
+        np.savez_compressed(buf, **arrays)
         return buf.getvalue()
 
     @classmethod
     def from_bytes(cls, data: bytes) -> "BankSources":
         with np.load(io.BytesIO(data), allow_pickle=False) as z:
-            return cls(z["ids"], z["hashes"], z["groups"], int(z["per_image"]), z["rows"], int(z["baseline_per_image"]),
-                       z["baseline_rows"] if "baseline_rows" in z.files else None)
+            return cls(z["images"], z["categories"], z["category"], int(z["per_image"]), z["rows"],
+                       int(z["baseline_per_image"]), z["baseline_rows"] if "baseline_rows" in z.files else None)
 
 
 @dataclass(frozen=True)
@@ -209,7 +228,8 @@ def merge_plan(parent: BankSources, parent_rows: np.ndarray, parent_per_image: i
     """
     if parent_per_image != per_image:
         raise ValueError(f"the parent's bank has {parent_per_image} patches an image, these features {per_image}")
-    current = {(i, h): n for n, (i, h) in enumerate(zip(ids, hashes))}
+    current = {k: n for n, k in enumerate(image_keys(ids, hashes).tolist())}
+    parent_groups = parent.groups
     kept: list[np.ndarray] = []
     images: list[np.ndarray] = []
     merged: list[str] = []
@@ -217,8 +237,8 @@ def merge_plan(parent: BankSources, parent_rows: np.ndarray, parent_per_image: i
     parent_image = parent_rows // per_image
     for g in sorted(set(groups.tolist())):
         members = np.flatnonzero(groups == g)
-        own = np.flatnonzero(parent.groups == g)
-        where = [current.get((str(parent.ids[p]), str(parent.hashes[p]))) for p in own]
+        own = np.flatnonzero(parent_groups == g)
+        where = [current.get(k) for k in parent.images[own].tolist()]
         gone = sum(w is None or groups[w] != g for w in where)
         if own.size == 0 or gone:
             rebuilt[g] = ("the parent did not fit on it" if own.size == 0 else
@@ -226,7 +246,7 @@ def merge_plan(parent: BankSources, parent_rows: np.ndarray, parent_per_image: i
                           f"held out)")
             images.append(members)
             continue
-        to_current = np.full(parent.ids.size, -1, dtype=np.int64)
+        to_current = np.full(parent.images.size, -1, dtype=np.int64)
         to_current[own] = where
         mine = np.isin(parent_image, own)
         kept.append(to_current[parent_image[mine]] * per_image + parent_rows[mine] % per_image)
