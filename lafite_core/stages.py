@@ -269,7 +269,7 @@ class Banks:
     merge: dict | None  # per bank: kept rows, images selected over, merged and rebuilt categories; None: built anew
 
 
-def _merge_refusal(cfg: PipelineConfig, warm_start: WarmStart | None) -> str | None:
+def merge_refusal(cfg: PipelineConfig, warm_start: WarmStart | None) -> str | None:
     """Why the banks cannot merge the parent's (None when they can)."""
     if warm_start is None:
         return "no warm start"
@@ -308,7 +308,7 @@ def build_banks(normalized: torch.Tensor, features: TrainingFeatures, cfg: Pipel
     rows are patches of the current features, so a merged bank holds exactly the values a rebuilt
     one would for the same rows.
     """
-    refusal = _merge_refusal(cfg, warm_start)
+    refusal = merge_refusal(cfg, warm_start)
     src = None if refusal is not None else warm_start.sources
     if warm_start is not None and refusal is not None:
         log.info("coresets: built over all %d images (not merged: %s)", len(features.entries), refusal)

@@ -21,10 +21,11 @@ from lafite_core.method.backbone import FeatureExtractor
 from lafite_core.method.precision import resolve_precision
 from lafite_core.method.train import planned_epochs, train_unet
 from lafite_core.pipeline import fit, publish
-from lafite_core.method.coreset import patch_bank
+from lafite_core.method.coreset import BankSources, patch_bank
 from lafite_core.stages import (
     CARD_FILE,
     backbone_card,
+    merge_refusal,
     plan_training,
     split_holdout,
     train_model,
@@ -36,6 +37,7 @@ from lafite_core.store.feature_store import FeatureStore, extract_into, read_tra
 from lafite_core.store.losses import read_losses
 from lafite_core.store.storage import Store
 from lafite_core.warm_start import (
+    WarmStart,
     choose_parent,
     incompatibility,
     load_warm_start,
@@ -266,6 +268,19 @@ def test_pipeline_fit_warm_starts_and_the_card_names_the_parent(parent_store, sm
         assert patches(parent) < patches(mine)
     assert mine.rows.size == fitted.model.bank.shape[0] and mine.baseline_rows.size == fitted.model.baseline_bank.shape[0]
     assert mine.images.size == 12 and set(parent.images.tolist()) < set(mine.images.tolist())
+
+
+def test_when_a_warm_start_cannot_merge_the_coresets():
+    cfg = cpu_profile()
+    sources = BankSources.of(["a"], ["h"], np.array(["d/c"]), 4, np.array([1]))
+    warm = WarmStart("v1", {}, cfg, sources)
+    assert merge_refusal(cfg, warm) is None
+    assert merge_refusal(cfg, None) == "no warm start"
+    assert merge_refusal(cfg.with_updates(coreset={"merge": False}), warm) == "coreset.merge is off"
+    assert "does not record where its bank rows come from" in merge_refusal(cfg, dataclasses.replace(warm, sources=None))
+    assert merge_refusal(cfg.with_updates(coreset={"keep_rate": 0.05}), warm) == "the parent's coreset settings differ"
+    assert merge_refusal(cfg.with_updates(seed=1), warm) == "the parent's seed differs (0 -> 1)"
+    assert merge_refusal(cfg, dataclasses.replace(warm, config=cfg.with_updates(coreset={"merge": False}))) is None
 
 
 def test_without_merge_a_warm_start_rebuilds_the_banks(parent_store, small_demo, tiny_overrides, tmp_path, caplog):
