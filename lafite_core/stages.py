@@ -1,10 +1,12 @@
 """The method as a fixed chain of stages, each one function with typed inputs and outputs.
 
-    plan_training                      which images train, which are held out (pseudo-validation)
+    plan_training                      which images train, which are held out (pseudo-validation;
+                                       a per-image draw, stable as categories grow)
     feature_store.extract_into         read, decode, extract features into a sink (Zarr or memory)
     feature_store.read_training_features
     train_model                        statistics, U-Net (eq. 6; or fine-tuned from a parent version,
-                                       ``warm_start``), coreset (eq. 9) -> untuned model
+                                       ``warm_start``), coresets (eq. 9; a warm start merges its
+                                       parent's: ``build_banks``) -> untuned model
     select                             pseudo-validation set, search tau then K (4.5), calibration
     selection_files, version_files     the files of a model version (publication)
     score_category, score_images       scores and maps for labelled or unlabelled images (eq. 10-12)
