@@ -144,11 +144,14 @@ def markdown(args, cfg: PipelineConfig, runs: dict[str, Run], tests: list[TestSe
         out.append(f"| {label[key]} | {r.train_images} | {r.new_images} | {r.epochs} | {s['extract']:.0f} | "
                    f"{s['unet']:.0f} | {s['unet_and_coresets']:.0f} | {s['search_and_calibration']:.0f} | "
                    f"{s['total']:.0f} |")
-    merge = warm.bank_merge
-    out += ["", "Coresets of (a): " + ("built over all images (no merge)" if not merge else "; ".join(
-        f"{NAMES[name]} kept {m['kept_rows']} of the parent's rows and selected over {m['selected_over_images']} "
-        f"images (categories merged: {', '.join(m['merged']) or 'none'}; rebuilt: "
-        f"{', '.join(f'{k} ({v})' for k, v in m['rebuilt'].items()) or 'none'})" for name, m in merge.items()))]
+    def coresets(name: str, m: dict) -> str:
+        if "not_merged" in m:
+            return f"{NAMES[name]} built over all images (not merged: {m['not_merged']})"
+        return (f"{NAMES[name]} kept {m['kept_rows']} of the parent's rows and selected over "
+                f"{m['selected_over_images']} images (categories merged: {', '.join(m['merged']) or 'none'}; rebuilt: "
+                f"{', '.join(f'{k} ({v})' for k, v in m['rebuilt'].items()) or 'none'})")
+
+    out += ["", "Coresets of (a): " + "; ".join(coresets(n, m) for n, m in (warm.bank_merge or {}).items())]
     out += ["", "Detection / localisation AUROC (%):", "",
             "| run | " + " | ".join(f"{NAMES[m]} {c}" for m in METHODS for c in [*cats, "mean"]) + " |",
             "|---|" + "---|" * (len(METHODS) * (len(cats) + 1))]

@@ -6,7 +6,7 @@
     feature_store.read_training_features
     train_model                        statistics, U-Net (eq. 6; or fine-tuned from a parent version,
                                        ``warm_start``), coresets (eq. 9; a warm start merges its
-                                       parent's: ``build_banks``) -> untuned model
+                                       parent's: ``lafite_bank``, ``baseline_bank``) -> untuned model
     select                             pseudo-validation set, search tau then K (4.5), calibration
     selection_files, version_files     the files of a model version (publication)
     score_category, score_images       scores and maps for labelled or unlabelled images (eq. 10-12)
@@ -98,11 +98,14 @@ def split_holdout(samples: Sequence[Sample], cfg: PipelineConfig, seed: int) -> 
     """train/good of one category -> (samples to fit on, held-out pseudo-validation normals).
 
     An image is held out when its draw (:func:`holdout_draw`) falls below ``holdout_fraction``, so
-    images added to a category later never move an earlier image across the split (a nightly warm
-    start keeps its parent's coreset rows: ``coreset.merge``); when fewer than ``min_holdout`` fall
-    below it, the ``min_holdout`` lowest draws are held out. Nothing is held out when fewer than two
-    images would remain to fit on. The held-out normals calibrate the threshold even when the search
-    is disabled.
+    the share held out is ``holdout_fraction`` on average (binomial: a 10-image category holds out 4
+    or more about one time in eight) and images added to a category later never move an earlier
+    fitted image to the held-out side (a nightly warm start keeps its parent's coreset rows:
+    ``coreset.merge``); when fewer than ``min_holdout`` fall below it, the ``min_holdout`` lowest
+    draws are held out. Nothing is held out when fewer than two images would remain to fit on (so a
+    category that grows past that point, and one whose draws hold out all but one, is the exception:
+    a warm start then rebuilds its coreset). The held-out normals calibrate the threshold even when
+    the search is disabled.
     """
     syn = cfg.synthesis
     n = len(samples)
@@ -261,14 +264,14 @@ def training_view(raw: np.ndarray, cfg: PipelineConfig, backbone: dict) -> torch
 
 
 @dataclass(frozen=True)
-class Banks:
-    """LafitE's bank [M, D] (normalised view), PatchCore's [M', D'] (raw baseline view; None unless
-    baseline.recipe is patchcore), where their rows come from, and how a warm start merged them."""
+class Bank:
+    """One memory bank: its rows' values, which patches they are (image * per_image + position, see
+    ``coreset.BankSources``), and how a warm start merged the parent's (None: built anew)."""
 
-    bank: np.ndarray
-    baseline: np.ndarray | None
-    sources: BankSources
-    merge: dict | None  # per bank: kept rows, images selected over, merged and rebuilt categories; None: built anew
+    values: np.ndarray
+    rows: np.ndarray
+    per_image: int
+    merge: dict | None
 
 
 def merge_refusal(cfg: PipelineConfig, warm_start: WarmStart | None) -> str | None:
@@ -287,22 +290,41 @@ def merge_refusal(cfg: PipelineConfig, warm_start: WarmStart | None) -> str | No
     return None
 
 
-def _bank_rows(patches: np.ndarray, per_image: int, features: TrainingFeatures, coreset: CoresetConfig, seed: int,
-               parent: tuple[np.ndarray, int] | None, sources: BankSources | None) -> tuple[np.ndarray, dict | None]:
-    """One bank's rows among ``patches``: merged with the parent's (``parent``: its rows and patches
-    an image) when given, else selected over every image."""
-    if parent is None or sources is None:
-        return bank_rows(patches, per_image, features.groups, coreset, seed), None
-    plan = merge_plan(sources, parent[0], parent[1], [e.id for e in features.entries],
+BASELINE_BANK_FIELDS = ("recipe", "view", "keep_rate")
+"""The baseline settings PatchCore's bank depends on (the rest only change how it scores)."""
+
+
+def _bank(name: str, view: torch.Tensor, features: TrainingFeatures, coreset: CoresetConfig, seed: int,
+          warm_start: WarmStart | None, parent: tuple[np.ndarray, int] | None, refusal: str | None) -> Bank:
+    """One bank over ``view`` [N, D, h, w]: merged with the parent's (``parent``: its rows and patches
+    an image) unless ``refusal`` says why not, else selected over every image. A warm start that
+    does not merge records why (``merge["not_merged"]``) and logs it."""
+    n, _, h, w = view.shape
+    per_image = h * w
+    if refusal is None and parent is not None and parent[1] != per_image:
+        refusal = f"the parent's bank has {parent[1]} patches an image, these features {per_image}"
+    patches = flat_patches(view)
+    if refusal is not None or parent is None:
+        rows = bank_rows(patches, per_image, features.groups, coreset, seed)
+        merge = None
+        if warm_start is not None:
+            log.info("%s coreset: built over all %d images (not merged: %s)", name, n, refusal)
+            merge = {"not_merged": refusal}
+        return Bank(np.ascontiguousarray(patches[rows]), rows, per_image, merge)
+    plan = merge_plan(warm_start.sources, parent[0], parent[1], [e.id for e in features.entries],
                       [e.content_hash for e in features.entries], features.groups, per_image)
     rows = bank_rows(patches, per_image, features.groups, coreset, seed, plan.images, plan.kept)
-    return rows, {"kept_rows": int(plan.kept.size), "selected_over_images": int(plan.images.size),
-                  "merged": list(plan.merged), "rebuilt": plan.rebuilt}
+    merge = {"kept_rows": int(plan.kept.size), "selected_over_images": int(plan.images.size),
+             "merged": list(plan.merged), "rebuilt": plan.rebuilt}
+    log.info("%s coreset merged with the parent %s's: %d rows kept, a coreset over %d images; categories merged "
+             "%s, rebuilt %s", name, warm_start.parent_version, merge["kept_rows"], merge["selected_over_images"],
+             merge["merged"] or "none", merge["rebuilt"] or "none")
+    return Bank(np.ascontiguousarray(patches[rows]), rows, per_image, merge)
 
 
-def build_banks(normalized: torch.Tensor, features: TrainingFeatures, cfg: PipelineConfig,
-                channels: Sequence[int] | None, grids: Sequence[int] | None, warm_start: WarmStart | None) -> Banks:
-    """LafitE's coreset of the normalised view (eq. 9) and PatchCore's of its raw view, over all fitted images.
+def lafite_bank(normalized: torch.Tensor, features: TrainingFeatures, cfg: PipelineConfig,
+                warm_start: WarmStart | None) -> Bank:
+    """LafitE's coreset of its normalised view [N, D, h, w] (eq. 9) over all fitted images.
 
     A warm start with ``coreset.merge`` keeps the parent's rows of each category whose fitted images
     are all still fitted and runs the coreset over that category's new images only
@@ -312,40 +334,22 @@ def build_banks(normalized: torch.Tensor, features: TrainingFeatures, cfg: Pipel
     """
     refusal = merge_refusal(cfg, warm_start)
     src = None if refusal is not None else warm_start.sources
-    if warm_start is not None and refusal is not None:
-        log.info("coresets: built over all %d images (not merged: %s)", len(features.entries), refusal)
-    n, _, h, w = normalized.shape
-    patches = flat_patches(normalized)
-    rows, merge = _bank_rows(patches, h * w, features, cfg.coreset, cfg.seed,
-                             None if src is None else (src.rows, src.per_image), src)
-    bank = np.ascontiguousarray(patches[rows])
-    del patches
-    merges = {} if merge is None else {"lafite": merge}
-    baseline = baseline_rows = None
-    baseline_per_image = 0
-    if cfg.baseline.recipe == "patchcore":
-        view = apply_view(torch.from_numpy(features.raw), cfg.baseline.view, channels, grids)
-        baseline_per_image = view.shape[2] * view.shape[3]
-        parent = None
-        if src is not None and src.baseline_rows is not None and warm_start.config.baseline == cfg.baseline:
-            parent = (src.baseline_rows, src.baseline_per_image)
-        elif src is not None:
-            log.info("PatchCore coreset: built over all %d images (not merged: the parent's baseline settings "
-                     "differ or it has no PatchCore bank)", n)
-        patches = flat_patches(view)
-        del view
-        baseline_rows, merge = _bank_rows(patches, baseline_per_image, features,
-                                          patchcore.bank_coreset(cfg.baseline, cfg.coreset), cfg.seed, parent, src)
-        baseline = np.ascontiguousarray(patches[baseline_rows])
-        if merge is not None:
-            merges["patchcore"] = merge
-    for name, m in merges.items():
-        log.info("%s coreset merged with the parent %s's: %d rows kept, a coreset over %d images; categories merged "
-                 "%s, rebuilt %s", name, warm_start.parent_version, m["kept_rows"], m["selected_over_images"],
-                 m["merged"] or "none", m["rebuilt"] or "none")
-    sources = BankSources.of([e.id for e in features.entries], [e.content_hash for e in features.entries],
-                             features.groups, h * w, rows, baseline_per_image, baseline_rows)
-    return Banks(bank, baseline, sources, merges or None)
+    return _bank("LafitE", normalized, features, cfg.coreset, cfg.seed, warm_start,
+                 None if src is None else (src.rows, src.per_image), refusal)
+
+
+def baseline_bank(features: TrainingFeatures, cfg: PipelineConfig, channels: Sequence[int] | None,
+                  grids: Sequence[int] | None, warm_start: WarmStart | None) -> Bank:
+    """PatchCore's coreset of its raw view of the features, merged as :func:`lafite_bank` merges."""
+    refusal = merge_refusal(cfg, warm_start)
+    src = None if refusal is not None else warm_start.sources
+    if src is not None:
+        parent = warm_start.config.baseline.model_dump(include=set(BASELINE_BANK_FIELDS))
+        if src.baseline_rows is None or parent != cfg.baseline.model_dump(include=set(BASELINE_BANK_FIELDS)):
+            refusal = "the parent has no PatchCore bank or built it with other baseline settings"
+    view = apply_view(torch.from_numpy(features.raw), cfg.baseline.view, channels, grids)
+    return _bank("PatchCore", view, features, patchcore.bank_coreset(cfg.baseline, cfg.coreset), cfg.seed,
+                 warm_start, None if refusal is not None else (src.baseline_rows, src.baseline_per_image), refusal)
 
 
 def train_model(
@@ -359,7 +363,8 @@ def train_model(
     LafitE trains on its view of the features (``cfg.features``), standardised per channel.
     ``state`` continues an interrupted training run; ``on_checkpoint`` saves one. ``warm_start``
     (checked compatible by ``warm_start.choose_parent``) starts from a parent's U-Net and trains
-    ``diffusion.warm_start_fraction`` of the budget; the coreset is rebuilt over all features.
+    ``diffusion.warm_start_fraction`` of the budget; the coresets merge the parent's
+    (:func:`lafite_bank`, ``coreset.merge``) or are rebuilt over all features.
     ``train_unet_with``: how the U-Net trains (here, or data-parallel on several workers); the
     statistics and the coresets are computed here over all rows either way.
     """
@@ -382,16 +387,21 @@ def train_model(
     ))
     unet_seconds = time.perf_counter() - started
     state.unet.cpu().eval()
-    banks = build_banks(normalized, features, cfg, channels, grids, warm_start)
-    del normalized
+    bank = lafite_bank(normalized, features, cfg, warm_start)
+    del normalized  # before PatchCore's view of the raw features is built
+    base = baseline_bank(features, cfg, channels, grids, warm_start) if cfg.baseline.recipe == "patchcore" else None
+    merges = {name: b.merge for name, b in (("lafite", bank), ("patchcore", base)) if b is not None and b.merge}
+    sources = BankSources.of([e.id for e in features.entries], [e.content_hash for e in features.entries],
+                             features.groups, bank.per_image, bank.rows,
+                             0 if base is None else base.per_image, None if base is None else base.rows)
     model = LafiteModel(
-        config=cfg, stats=stats, unet=state.unet, bank=banks.bank, categories=tuple(sorted(categories)),
+        config=cfg, stats=stats, unet=state.unet, bank=bank.values, categories=tuple(sorted(categories)),
         backbone=backbone,
         extra={"config_hash": config_hash(cfg), "train_images": len(features.entries),
-               "bank_size": int(banks.bank.shape[0]),
-               **({} if banks.baseline is None else {"baseline_bank_size": int(banks.baseline.shape[0])}),
-               **({} if banks.merge is None else {"bank_merge": banks.merge})},
-        baseline_bank=banks.baseline, bank_sources=banks.sources,
+               "bank_size": int(bank.values.shape[0]),
+               **({} if base is None else {"baseline_bank_size": int(base.values.shape[0])}),
+               **({"bank_merge": merges} if merges else {})},
+        baseline_bank=None if base is None else base.values, bank_sources=sources,
     )
     return Trained(model, list(state.losses), state.epoch, str(dev), resumed, precision,
                    None if warm_start is None else warm_start.parent_version,

@@ -8,10 +8,11 @@ of the budget (:func:`training_budget`) over all current training features, with
 config's optimiser settings and a fresh optimiser state (a version keeps the weights, not the
 optimiser). Statistics, search and calibration run as from scratch; the coresets keep the parent's
 rows of categories whose fitted images are all still fitted and select over the new images only
-(``coreset.merge``; ``stages.build_banks``).
+(``coreset.merge``; ``stages.lafite_bank``, ``stages.baseline_bank``).
 
     choose_parent     "latest" | VERSION | "none" -> a compatible parent version, or None
-    load_warm_start   a parent version -> its U-Net weights (verified against the manifest)
+    load_warm_start   a parent version -> its U-Net weights, config and bank sources (verified
+                      against the manifest)
 """
 
 from __future__ import annotations

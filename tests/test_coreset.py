@@ -154,6 +154,9 @@ def test_a_category_that_lost_or_changed_an_image_is_rebuilt():
     c = merge_plan(parent, parent.rows, PER_IMAGE, p_ids + ["c/0", "c/1"], [f"h-{i}" for i in p_ids] + ["x", "y"],
                    np.concatenate([p_groups, ["c", "c"]]), PER_IMAGE)
     assert c.merged == ("a", "b") and c.rebuilt == {"c": "the parent did not fit on it"}
+    twice = merge_plan(parent, parent.rows, PER_IMAGE, p_ids + ["a/1"], [f"h-{i}" for i in p_ids] + ["h-a/1"],
+                       np.concatenate([p_groups, ["a"]]), PER_IMAGE)  # one image read twice: not mapped twice
+    assert twice.merged == ("b",) and "1 images appear twice" in twice.rebuilt["a"]
     with pytest.raises(ValueError, match="patches an image"):
         merge_plan(parent, parent.rows, PER_IMAGE, p_ids, [f"h-{i}" for i in p_ids], p_groups, 4)
 

@@ -7,6 +7,7 @@ from lafite_core.config import cpu_profile
 from lafite_core.datapath.data import discover
 from lafite_core.method.model import LafiteModel
 from lafite_core.pipeline import evaluate, fit
+from lafite_core.stages import holdout_draw
 
 
 def tiny_config(epochs: int = 3):
@@ -31,12 +32,17 @@ def test_fit_and_evaluate_metal_plate(shared_data, extractor):
     assert sel is not None and model.tau in (50, 200) and model.k in (1, 3)
     assert [p.stage for p in sel.search.points] == ["tau", "tau", "k", "k", "steps", "steps"]
     assert model.config.scoring.ddim_steps == sel.search.ddim_steps in (1, 2)
-    assert model.extra["train_images"] == 43 and model.bank.shape[1] == 152  # lite0 strides 8 and 16: 40 + 112
-    assert abs(model.bank.shape[0] - 0.1 * 43 * 1024) <= 3  # keep rate 10%, rounded per chunk
-    # 11 held-out normals and two pseudo-anomalies for each
-    assert (sel.pseudo.labels == 0).sum() == 11 and (sel.pseudo.labels == 1).sum() == 22
+    # the held-out normals: the images whose own draw falls below 20% (8 of the 54 here)
+    held = sum(holdout_draw(cfg.seed, s.image_id) < 0.2 for s in cats[0].train)
+    assert len(cats[0].train) == 54 and 2 <= held <= 0.3 * 54
+    fitted = 54 - held
+    assert model.extra["train_images"] == fitted and model.bank.shape[1] == 152  # lite0 strides 8 and 16: 40 + 112
+    assert abs(model.bank.shape[0] - 0.1 * fitted * 1024) <= 3  # keep rate 10%, rounded per chunk
+    assert model.bank_sources.rows.size == model.bank.shape[0] and model.bank_sources.images.size == fitted
+    # two pseudo-anomalies for each held-out normal
+    assert (sel.pseudo.labels == 0).sum() == held and (sel.pseudo.labels == 1).sum() == 2 * held
     cal = sel.calibration
-    assert cal.overall.num_normal == 11 and 0.5 <= cal.overall.balanced_accuracy <= 1
+    assert cal.overall.num_normal == held and 0.5 <= cal.overall.balanced_accuracy <= 1
 
     files = model.to_files()
     again = LafiteModel.from_files(files)

@@ -25,6 +25,7 @@ from lafite_core.method.coreset import BankSources, patch_bank
 from lafite_core.stages import (
     CARD_FILE,
     backbone_card,
+    lafite_bank,
     merge_refusal,
     plan_training,
     split_holdout,
@@ -33,7 +34,13 @@ from lafite_core.stages import (
     training_view,
 )
 from lafite_core.store import layout
-from lafite_core.store.feature_store import FeatureStore, extract_into, read_training_features
+from lafite_core.store.feature_store import (
+    FeatureEntry,
+    FeatureStore,
+    TrainingFeatures,
+    extract_into,
+    read_training_features,
+)
 from lafite_core.store.losses import read_losses
 from lafite_core.store.storage import Store
 from lafite_core.warm_start import (
@@ -283,6 +290,19 @@ def test_when_a_warm_start_cannot_merge_the_coresets():
     assert merge_refusal(cfg, dataclasses.replace(warm, config=cfg.with_updates(coreset={"merge": False}))) is None
 
 
+def test_a_parent_bank_on_another_grid_is_not_merged_but_rebuilt():
+    cfg = cpu_profile()
+    entries = [FeatureEntry(f"d/c/train/good/{i}", "", f"h{i}", i) for i in range(6)]
+    features = TrainingFeatures(np.zeros((6, 8, 4, 4), np.float32), np.array(["d/c"] * 6), entries)
+    x = torch.randn(6, 8, 4, 4, generator=torch.Generator().manual_seed(0))
+    sources = BankSources.of([e.id for e in entries], [e.content_hash for e in entries], features.groups, 9,
+                             np.array([0, 10, 20]))  # a 3 x 3 grid
+    bank = lafite_bank(x, features, cfg, WarmStart("v1", {}, cfg, sources))
+    assert bank.merge == {"not_merged": "the parent's bank has 9 patches an image, these features 16"}
+    np.testing.assert_array_equal(bank.values, patch_bank(x, features.groups, cfg.coreset, cfg.seed))
+    assert bank.per_image == 16 and bank.rows.size == bank.values.shape[0] == round(0.1 * 96)
+
+
 def test_without_merge_a_warm_start_rebuilds_the_banks(parent_store, small_demo, tiny_overrides, tmp_path, caplog):
     url, version = parent_store
     store = Store(_copy(url, tmp_path))
@@ -293,7 +313,8 @@ def test_without_merge_a_warm_start_rebuilds_the_banks(parent_store, small_demo,
     features = read_training_features(FeatureStore(store, cfg, card), plan.fit)
     with caplog.at_level(logging.INFO, logger="lafite_core.stages"):
         trained = train_model(features, cfg, plan.category_keys, card, "cpu", warm_start=load_warm_start(store, version))
-    assert "bank_merge" not in trained.model.extra
+    assert trained.model.extra["bank_merge"] == {"lafite": {"not_merged": "coreset.merge is off"},
+                                                 "patchcore": {"not_merged": "coreset.merge is off"}}
     assert any("not merged: coreset.merge is off" in r.getMessage() for r in caplog.records)
     normalized = trained.model.stats.apply(training_view(features.raw, cfg, card))
     np.testing.assert_array_equal(trained.model.bank, patch_bank(normalized, features.groups, cfg.coreset, cfg.seed))

@@ -137,7 +137,11 @@ def bank_rows(patches: np.ndarray, per_image: int, groups: np.ndarray, cfg: Core
     still covered by the centres its own chunk selected, as in a coreset built in one go.
     """
     codes = np.unique(groups, return_inverse=True)[1].astype(np.int32)
-    images = np.arange(codes.size) if images is None else np.asarray(images, dtype=np.int64)
+    if images is None:  # every image: no copy of the patches
+        if kept is not None and len(kept):
+            raise ValueError("kept rows need the images to select over (merge_plan gives both)")
+        return np.sort(select_coreset(patches, cfg, seed, groups=np.repeat(codes, per_image)).indices)
+    images = np.asarray(images, dtype=np.int64)
     chosen = [np.zeros(0, dtype=np.int64) if kept is None else np.asarray(kept, dtype=np.int64)]
     if images.size:
         rows = (images[:, None] * per_image + np.arange(per_image)).reshape(-1)
@@ -228,7 +232,8 @@ def merge_plan(parent: BankSources, parent_rows: np.ndarray, parent_per_image: i
     """
     if parent_per_image != per_image:
         raise ValueError(f"the parent's bank has {parent_per_image} patches an image, these features {per_image}")
-    current = {k: n for n, k in enumerate(image_keys(ids, hashes).tolist())}
+    keys = image_keys(ids, hashes).tolist()
+    current = {k: n for n, k in enumerate(keys)}
     parent_groups = parent.groups
     kept: list[np.ndarray] = []
     images: list[np.ndarray] = []
@@ -240,8 +245,10 @@ def merge_plan(parent: BankSources, parent_rows: np.ndarray, parent_per_image: i
         own = np.flatnonzero(parent_groups == g)
         where = [current.get(k) for k in parent.images[own].tolist()]
         gone = sum(w is None or groups[w] != g for w in where)
-        if own.size == 0 or gone:
+        twice = members.size - len({keys[m] for m in members}) + own.size - len(set(parent.images[own].tolist()))
+        if own.size == 0 or gone or twice:
             rebuilt[g] = ("the parent did not fit on it" if own.size == 0 else
+                          f"{twice} images appear twice (the same id and content)" if twice else
                           f"{gone} of the parent's {own.size} images are no longer fitted on (removed, changed or "
                           f"held out)")
             images.append(members)
