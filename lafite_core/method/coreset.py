@@ -122,8 +122,8 @@ def select_coreset(
 
 def flat_patches(features: torch.Tensor) -> np.ndarray:
     """Feature maps [N, D, h, w] -> patches [N * h * w, D] float32, row = image * h * w + position."""
-    n, d, h, w = features.shape
-    return np.ascontiguousarray(features.permute(0, 2, 3, 1).reshape(-1, d).cpu().numpy(), dtype=np.float32)
+    return np.ascontiguousarray(features.permute(0, 2, 3, 1).reshape(-1, features.shape[1]).cpu().numpy(),
+                                dtype=np.float32)
 
 
 def bank_rows(patches: np.ndarray, per_image: int, groups: np.ndarray, cfg: CoresetConfig, seed: int,
