@@ -214,6 +214,11 @@ class SearchConfig(_Frozen):
         (), description="DDIM step counts tried after tau and K; the fewest whose pseudo-validation detection "
                         "AUROC is within steps_tolerance of the best are kept (empty: scoring.ddim_steps, not searched)")
     steps_tolerance: float = Field(0.005, ge=0, lt=1, description="detection AUROC (0-1) a fewer-steps point may lose")
+    images_per_category: int | None = Field(
+        None, ge=4, description="the tau, K and DDIM-steps stages score at most this many pseudo-validation images of "
+                                "each category (a seeded draw, normals and pseudo-anomalies in their proportions), "
+                                "so the search's cost stops growing with the held-out images; the chosen point is "
+                                "then scored on the rest for the calibration (None: every image)")
     steps_patience: int = Field(
         0, ge=0, description="0: score every count in ddim_steps; n >= 1: walk them fewest first and stop after n "
                              "consecutive counts that do not beat the best so far by more than steps_tolerance "
@@ -349,7 +354,7 @@ def cpu_profile() -> PipelineConfig:
         # 0.003 of each other, and scoring 2, 3 and 5 steps was 44% of the whole search
         # (bench/results/speed_search_e2e.md).
         search=SearchConfig(taus=(50, 100, 200, 300, 400), ks=(1, 3, 5, 7), ddim_steps=(1, 2, 3, 5),
-                            steps_patience=1),
+                            steps_patience=1, images_per_category=128),
         baseline=BaselineConfig(
             recipe="patchcore", view=ViewConfig(levels=(0, 1), local_aggregation=3, aggregate_at="native")),
     )

@@ -456,43 +456,73 @@ def build_pseudo_validation(
     return images, np.array(labels), np.stack(masks) if masks else np.zeros((0, size, size), bool), np.array(cats)
 
 
+def search_subset(labels: np.ndarray, categories: np.ndarray, per_category: int | None, seed: int) -> np.ndarray:
+    """Indices (sorted) of the pseudo-validation images the search scores: every image of a category
+    with at most ``per_category`` of them, else a seeded draw of ``per_category`` that keeps the
+    category's share of pseudo-anomalies (at least one normal and one anomaly when it has both)."""
+    keep = []
+    for key in np.unique(categories):
+        idx = np.flatnonzero(categories == key)
+        if per_category is None or len(idx) <= per_category:
+            keep.append(idx)
+            continue
+        rng = np.random.default_rng([seed, int.from_bytes(hashlib.sha256(str(key).encode()).digest()[:4], "big")])
+        anomalous, normal = idx[labels[idx] == 1], idx[labels[idx] != 1]
+        n_anom = round(per_category * len(anomalous) / len(idx))
+        if len(anomalous) and len(normal):
+            n_anom = min(max(n_anom, 1), per_category - 1)
+        n_anom = min(n_anom, len(anomalous))
+        n_norm = min(per_category - n_anom, len(normal))
+        keep += [rng.choice(anomalous, n_anom, replace=False), rng.choice(normal, n_norm, replace=False)]
+    return np.sort(np.concatenate(keep)) if keep else np.zeros(0, dtype=np.int64)
+
+
 class PseudoEvaluator:
     """The search's evaluate(tau, k, steps) on the pseudo-validation set: mean per-category AUROCs.
 
-    The bank is searched once, for the largest K of the grid, at the first K evaluated; every K reuses
-    those neighbours (the nearest k of the largest K's are the k nearest). Each point's image scores
-    are kept (``scores``), so the chosen point is not scored again for the calibration.
+    The points are scored on ``subset`` (indices into the set; None: every image, see
+    :func:`search_subset`). The bank is searched once for those images, for the largest K of the
+    grid, at the first K evaluated; every K reuses those neighbours (the nearest k of the largest K's
+    are the k nearest). Each point's image scores are kept (``scores``), so the chosen point is scored
+    only on the images outside the subset for the calibration.
     """
 
-    def __init__(self, scorer: Scorer, pseudo: PseudoValidation, progress: Progress = quiet) -> None:
+    def __init__(self, scorer: Scorer, pseudo: PseudoValidation, progress: Progress = quiet,
+                 subset: np.ndarray | None = None) -> None:
         self.scorer, self.pseudo, self.progress = scorer, pseudo, progress
+        n = len(pseudo.labels)
+        self.subset = np.arange(n) if subset is None else np.asarray(subset, dtype=np.int64)
         self.feats = torch.from_numpy(pseudo.features)
+        self.sub_feats = self.feats if len(self.subset) == n else self.feats[torch.from_numpy(self.subset)]
+        self.sub_seeds = [pseudo.seeds[i] for i in self.subset]
         self.found: Neighbours | None = None
         self.scores: dict[tuple[int, int | None, int], np.ndarray] = {}
+        """Each scored point's image scores, in ``subset``'s order."""
 
     def neighbours(self, k: int) -> Neighbours:
-        """The pseudo-validation patches' bank neighbours for every K up to the grid's largest (>= k)."""
+        """The subset's patches' bank neighbours for every K up to the grid's largest (>= k)."""
         if self.found is None or self.found.indices.shape[1] < k:
             start = time.perf_counter()
-            self.found = self.scorer.neighbours(self.feats, max(k, *self.scorer.model.config.search.ks))
+            self.found = self.scorer.neighbours(self.sub_feats, max(k, *self.scorer.model.config.search.ks))
             log.info("search: bank neighbours of %d pseudo-validation patches (K=%d) in %.1f s",
                      self.found.indices.shape[0], self.found.indices.shape[1], time.perf_counter() - start)
         return self.found
 
     def __call__(self, tau: int, k: int | None, steps: int) -> tuple[float, float | None]:
-        pseudo, search = self.pseudo, self.scorer.model.config.search
+        pseudo, search, sub = self.pseudo, self.scorer.model.config.search, self.subset
         method: Method = "lafite" if k is not None else "lafite_no_edit"
         start = time.perf_counter()
         found = self.neighbours(k) if k is not None else None
-        out = self.scorer.score(self.feats, method, pseudo.seeds, tau=tau, k=k, found=found, steps=steps)
-        self.scores[(tau, k, steps)] = out.scores.numpy()
+        out = self.scorer.score(self.sub_feats, method, self.sub_seeds, tau=tau, k=k, found=found, steps=steps)
+        scores = out.scores.numpy()
+        self.scores[(tau, k, steps)] = scores
+        labels, categories, masks = pseudo.labels[sub], pseudo.categories[sub], pseudo.masks[sub]
         img, pix = [], []
-        for key in np.unique(pseudo.categories):
-            sel = pseudo.categories == key
-            if len(np.unique(pseudo.labels[sel])) < 2:
+        for key in np.unique(categories):
+            sel = categories == key
+            if len(np.unique(labels[sel])) < 2:
                 continue
-            m = compute_category_metrics(pseudo.labels[sel], out.scores.numpy()[sel], pseudo.masks[sel],
-                                         out.maps.numpy()[sel], with_aupro=False)
+            m = compute_category_metrics(labels[sel], scores[sel], masks[sel], out.maps.numpy()[sel], with_aupro=False)
             img.append(m.image_auroc)
             pix.append(m.pixel_auroc)
         log.info("search: tau=%d K=%s DDIM steps=%d scored in %.1f s", tau, k, steps, time.perf_counter() - start)
@@ -500,14 +530,29 @@ class PseudoEvaluator:
         return float(np.mean(img)), float(np.mean(pix))
 
     def final_scores(self, model: LafiteModel) -> np.ndarray:
-        """LafitE's image scores of the pseudo-validation set with ``model``'s tau, K and steps: those of
-        the search's point when it scored them, else scored now (the bank searched at most once)."""
-        sc = model.config.scoring
+        """LafitE's image scores of the whole pseudo-validation set with ``model``'s tau, K and steps:
+        the search's where it scored that point, the other images scored now (their bank neighbours
+        searched once; the subset's reused when the point was not scored and the subset is the set)."""
+        sc, n = model.config.scoring, len(self.pseudo.labels)
         kept = self.scores.get((sc.tau, sc.k, sc.ddim_steps))
-        if kept is not None:
+        whole = len(self.subset) == n
+        if kept is not None and whole:
             return kept
         scorer = Scorer(model, self.scorer.device)
-        return scorer.score(self.feats, "lafite", self.pseudo.seeds, found=self.neighbours(sc.k)).scores.numpy()
+        if kept is None and whole:
+            return scorer.score(self.feats, "lafite", self.pseudo.seeds, found=self.neighbours(sc.k)).scores.numpy()
+        todo = np.setdiff1d(np.arange(n), self.subset) if kept is not None else np.arange(n)
+        start = time.perf_counter()
+        feats = self.feats[torch.from_numpy(todo)]
+        seeds = [self.pseudo.seeds[i] for i in todo]
+        got = scorer.score(feats, "lafite", seeds, found=scorer.neighbours(feats, sc.k)).scores.numpy()
+        out = np.empty(n, dtype=got.dtype)
+        out[todo] = got
+        if kept is not None:
+            out[self.subset] = kept
+        log.info("calibration: the chosen point scored on %d pseudo-validation images outside the search's in %.1f s",
+                 len(todo), time.perf_counter() - start)
+        return out
 
 
 @dataclass(frozen=True)
@@ -539,9 +584,13 @@ def select(
     """
     cfg = model.config
     pseudo, failures = pseudo_validation(cfg, extractor, holdout, sources, storage_options, progress)
-    evaluator = PseudoEvaluator(Scorer(model, device), pseudo, progress)
+    subset = search_subset(pseudo.labels, pseudo.categories, cfg.search.images_per_category, cfg.seed)
+    evaluator = PseudoEvaluator(Scorer(model, device), pseudo, progress, subset)
     if cfg.search.enabled:
-        search = search_hyperparameters(evaluator, cfg.search, cfg.scoring.ddim_steps)
+        log.info("search: scoring %d of %d pseudo-validation images (search.images_per_category=%s)",
+                 len(subset), len(pseudo.labels), cfg.search.images_per_category)
+        search = dataclasses.replace(search_hyperparameters(evaluator, cfg.search, cfg.scoring.ddim_steps),
+                                     images=len(subset))
     else:
         log.info("hyperparameter search disabled: tau=%d, K=%d from the config", model.tau, model.k)
         search = SearchResult(model.tau, model.k, ())

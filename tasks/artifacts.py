@@ -93,7 +93,7 @@ def search_rows(search: SearchResult, settings: Settings) -> list[dict]:
     rows = search_table(search).to_pylist()
     if not rows:
         return [{"stage": "config", "tau": settings.tau, "k": settings.k, "ddim_steps": settings.ddim_steps,
-                 "image_auroc": None, "pixel_auroc": None, "seconds": 0.0, "chosen": True}]
+                 "image_auroc": None, "pixel_auroc": None, "seconds": 0.0, "chosen": True, "images": None}]
     return [{**r, "image_auroc": _fraction(r["image_auroc"]), "pixel_auroc": _fraction(r["pixel_auroc"]),
              "seconds": round(r["seconds"], 1)} for r in rows]
 

@@ -75,7 +75,7 @@ def test_training_artifacts_show_metrics_when_evaluated_else_the_search():
 
     config = train_artifacts("train-1", "v7", SETTINGS, TRAINING, SearchResult(50, 3, ()), None, LINKS[2:])
     assert config.table == [{"stage": "config", "tau": 50, "k": 3, "ddim_steps": 2, "image_auroc": None,
-                             "pixel_auroc": None, "seconds": 0.0, "chosen": True}]
+                             "pixel_auroc": None, "seconds": 0.0, "chosen": True, "images": None}]
     assert "from the config (search disabled)" in config.markdown
 
 

@@ -84,3 +84,36 @@ def test_the_cpu_profile_stops_its_steps_stage_early():
 def test_step_counts_must_be_positive():
     with pytest.raises(ValidationError, match="DDIM step count"):
         SearchConfig(ddim_steps=(0, 2))
+
+
+def test_search_subset_caps_each_category_and_keeps_its_share_of_anomalies():
+    import numpy as np
+
+    from lafite_core.stages import search_subset
+
+    labels = np.array([0] * 30 + [1] * 60 + [0] * 4 + [1] * 8)
+    cats = np.array(["d/big"] * 90 + ["d/small"] * 12)
+    sub = search_subset(labels, cats, 24, seed=0)
+    assert np.all(np.diff(sub) > 0)  # sorted, no image twice
+    big, small = sub[cats[sub] == "d/big"], sub[cats[sub] == "d/small"]
+    assert len(big) == 24 and labels[big].sum() == 16  # two anomalies a normal, as in the category
+    np.testing.assert_array_equal(small, np.arange(90, 102))  # a category under the cap is kept whole
+    np.testing.assert_array_equal(search_subset(labels, cats, 24, seed=0), sub)  # seeded
+    assert not np.array_equal(search_subset(labels, cats, 24, seed=1), sub)
+    np.testing.assert_array_equal(search_subset(labels, cats, None, seed=0), np.arange(102))
+    # a rare label keeps at least one image, so every category's AUROC stays defined
+    rare = search_subset(np.array([1] + [0] * 99), np.array(["d/c"] * 100), 10, seed=3)
+    assert len(rare) == 10 and 0 in rare
+
+
+def test_search_table_records_the_images_each_point_was_scored_on():
+    import dataclasses
+
+    r = search_hyperparameters(lambda tau, k, steps: (0.9, 0.8), SearchConfig(taus=(50,), ks=(1,)), ddim_steps=1)
+    assert {row["images"] for row in search_table(r).to_pylist()} == {None}
+    assert {row["images"] for row in search_table(dataclasses.replace(r, images=40)).to_pylist()} == {40}
+
+
+def test_images_per_category_is_at_least_four():
+    with pytest.raises(ValidationError):
+        SearchConfig(images_per_category=3)

@@ -140,3 +140,45 @@ def test_the_calibration_reuses_the_search_point_and_its_neighbours(monkeypatch)
     monkeypatch.undo()
     fresh = Scorer(other, "cpu").score(torch.from_numpy(pseudo.features), "lafite", pseudo.seeds).scores.numpy()
     np.testing.assert_allclose(got, fresh, rtol=1e-5, atol=1e-6)
+
+
+def test_a_search_subset_scores_its_images_and_the_calibration_scores_only_the_rest(monkeypatch):
+    """With search.images_per_category the points are scored on the subset (metrics on it alone), and
+    the chosen point's scores of the whole set are the subset's plus the rest scored once: the same as
+    one pass over the whole set."""
+    from lafite_core.method.metrics import auroc
+    from lafite_core.stages import PseudoEvaluator, PseudoValidation, search_subset
+
+    cfg = _cfg().with_updates(features={"levels": None, "local_aggregation": 1}, baseline={"recipe": "shared"},
+                              search={"taus": (50, 100), "ks": (1, 3), "ddim_steps": ()}, scoring={"ddim_steps": 2},
+                              compute={"precision": "fp32"})
+    x = _features(n=12)
+    st = FeatureStats.fit(x)
+    state = new_state(6, 8, cfg.diffusion, 0, torch.device("cpu"))
+    bank = st.apply(x).permute(0, 2, 3, 1).reshape(-1, 6).numpy()[::5].copy()
+    model = LafiteModel(cfg, st, state.unet.eval(), bank, categories=("d/c",))
+    labels = np.array([0] * 6 + [1] * 6)
+    masks = np.zeros((12, cfg.data.image_size, cfg.data.image_size), bool)
+    masks[6:, :20, :20] = True
+    pseudo = PseudoValidation(x.numpy(), labels, masks, np.array(["d/c"] * 12), list(range(12)))
+    subset = search_subset(labels, pseudo.categories, 6, seed=0)
+    assert len(subset) == 6 and labels[subset].sum() == 3
+    ev = PseudoEvaluator(Scorer(model, "cpu"), pseudo, subset=subset)
+    img, _ = ev(100, 3, 2)
+    feats = torch.from_numpy(pseudo.features)
+    fresh = Scorer(model, "cpu").score(feats, "lafite", pseudo.seeds, tau=100, k=3, steps=2).scores.numpy()
+    np.testing.assert_allclose(ev.scores[(100, 3, 2)], fresh[subset], rtol=1e-5, atol=1e-6)
+    assert img == pytest.approx(auroc(labels[subset], fresh[subset]))
+    calls = []
+    real_score = Scorer.score
+    monkeypatch.setattr(Scorer, "score", lambda self, raw, *a, **kw: calls.append(raw.shape[0]) or real_score(
+        self, raw, *a, **kw))
+    got = ev.final_scores(model.with_hyperparameters(100, 3, 2))
+    assert calls == [6]  # only the six images outside the subset
+    np.testing.assert_array_equal(got[subset], ev.scores[(100, 3, 2)])
+    np.testing.assert_allclose(got, fresh, rtol=1e-5, atol=1e-6)
+    calls.clear()
+    other = model.with_hyperparameters(50, 1, 2)  # not scored by the search: the whole set scored now
+    np.testing.assert_allclose(ev.final_scores(other), real_score(Scorer(other, "cpu"), feats, "lafite", pseudo.seeds)
+                               .scores.numpy(), rtol=1e-5, atol=1e-6)
+    assert calls == [12]

@@ -43,6 +43,8 @@ class SearchResult:
     points: tuple[SearchPoint, ...]
     ddim_steps: int | None = None
     """The chosen step count; None when the search did not run (the config's scoring.ddim_steps)."""
+    images: int | None = None
+    """The pseudo-validation images every point was scored on (None: not recorded)."""
 
     def chosen(self, p: SearchPoint) -> bool:
         """Whether ``p`` is the point its stage chose."""

@@ -80,6 +80,7 @@ SEARCH_SCHEMA = pa.schema(
         ("pixel_auroc", pa.float64()),
         ("seconds", pa.float64()),  # wall time of the point (0 for a step count reused from the K stage)
         ("chosen", pa.bool_()),
+        ("images", pa.int64()),  # pseudo-validation images the point was scored on (search.images_per_category)
     ]
 )
 
@@ -116,7 +117,8 @@ def conform_scores(table: pa.Table) -> pa.Table:
 def search_table(result: SearchResult) -> pa.Table:
     rows = [
         {"stage": p.stage, "tau": p.tau, "k": p.k, "ddim_steps": p.ddim_steps, "image_auroc": p.image_auroc,
-         "pixel_auroc": p.pixel_auroc, "seconds": p.seconds, "chosen": result.chosen(p)}
+         "pixel_auroc": p.pixel_auroc, "seconds": p.seconds, "chosen": result.chosen(p),
+         "images": result.images}
         for p in result.points
     ]
     return pa.Table.from_pylist(rows, schema=SEARCH_SCHEMA)
