@@ -587,14 +587,14 @@ def bench_search(trained: Trained, categories, extractor, patiences=(0, 1, 2),
                                                  "images_per_category": profile.images_per_category})
     subset = search_subset(pseudo.labels, pseudo.categories, profile.images_per_category, model.config.seed)
     ev_sub = PseudoEvaluator(Scorer(model, "cpu"), pseudo, subset=subset)
-    r = search_hyperparameters(ev_sub, prof_cfg.search, steps0)
+    scored: list[tuple] = []  # the points scored (the steps stage's reused point is recorded, not scored)
+    r = search_hyperparameters(lambda *point: scored.append(point) or ev_sub(*point), prof_cfg.search, steps0)
     search_s = sum(p.seconds for p in r.points)
     tuned = model.with_hyperparameters(r.tau, r.k, r.ddim_steps)
     rest_s, _ = timed(lambda: ev_sub.final_scores(tuned))
     one = one_pass(r.tau, r.k, r.ddim_steps)
     profile_row = {"images_per_category": profile.images_per_category, "steps_patience": profile.steps_patience,
-                   "images": int(len(subset)), "points": len(r.points),
-                   "u_net_passes": sum(p.ddim_steps for p in r.points if p.seconds > 0),
+                   "images": int(len(subset)), "points": len(scored), "u_net_passes": sum(st for *_, st in scored),
                    "chosen": {"tau": r.tau, "k": r.k, "ddim_steps": r.ddim_steps},
                    "search_seconds": search_s, "calibration_rest_seconds": rest_s, "pass_seconds": one,
                    "ratio": search_s / one, "ratio_with_rest": (search_s + rest_s) / one}

@@ -492,9 +492,15 @@ class PseudoEvaluator:
         self.scorer, self.pseudo, self.progress = scorer, pseudo, progress
         n = len(pseudo.labels)
         self.subset = np.arange(n) if subset is None else np.asarray(subset, dtype=np.int64)
+        if len(self.subset) and (np.any(np.diff(self.subset) <= 0) or self.subset[0] < 0 or self.subset[-1] >= n):
+            raise ValueError(f"the search's subset must be increasing indices into the {n} pseudo-validation images")
+        self.whole = len(self.subset) == n
         self.feats = torch.from_numpy(pseudo.features)
-        self.sub_feats = self.feats if len(self.subset) == n else self.feats[torch.from_numpy(self.subset)]
+        self.sub_feats = self.feats if self.whole else self.feats[torch.from_numpy(self.subset)]
         self.sub_seeds = [pseudo.seeds[i] for i in self.subset]
+        sub = self.subset
+        self.sub_labels, self.sub_categories = pseudo.labels[sub], pseudo.categories[sub]
+        self.sub_masks = pseudo.masks if self.whole else pseudo.masks[sub]
         self.found: Neighbours | None = None
         self.scores: dict[tuple[int, int | None, int], np.ndarray] = {}
         """Each scored point's image scores, in ``subset``'s order."""
@@ -509,14 +515,14 @@ class PseudoEvaluator:
         return self.found
 
     def __call__(self, tau: int, k: int | None, steps: int) -> tuple[float, float | None]:
-        pseudo, search, sub = self.pseudo, self.scorer.model.config.search, self.subset
+        search = self.scorer.model.config.search
         method: Method = "lafite" if k is not None else "lafite_no_edit"
         start = time.perf_counter()
         found = self.neighbours(k) if k is not None else None
         out = self.scorer.score(self.sub_feats, method, self.sub_seeds, tau=tau, k=k, found=found, steps=steps)
         scores = out.scores.numpy()
         self.scores[(tau, k, steps)] = scores
-        labels, categories, masks = pseudo.labels[sub], pseudo.categories[sub], pseudo.masks[sub]
+        labels, categories, masks = self.sub_labels, self.sub_categories, self.sub_masks
         img, pix = [], []
         for key in np.unique(categories):
             sel = categories == key
@@ -529,29 +535,30 @@ class PseudoEvaluator:
         self.progress("search", len(self.scores), len(search.taus) + len(search.ks) + len(search.ddim_steps))
         return float(np.mean(img)), float(np.mean(pix))
 
-    def final_scores(self, model: LafiteModel) -> np.ndarray:
+    def final_scores(self, model: LafiteModel, chunk: int = 256) -> np.ndarray:
         """LafitE's image scores of the whole pseudo-validation set with ``model``'s tau, K and steps:
-        the search's where it scored that point, the other images scored now (their bank neighbours
-        searched once; the subset's reused when the point was not scored and the subset is the set)."""
+        the search's where it scored that point, the other images scored now, ``chunk`` images at a
+        time (their bank neighbours searched once; the search's reused when it scored every image)."""
         sc, n = model.config.scoring, len(self.pseudo.labels)
         kept = self.scores.get((sc.tau, sc.k, sc.ddim_steps))
-        whole = len(self.subset) == n
-        if kept is not None and whole:
+        if kept is not None and self.whole:
             return kept
         scorer = Scorer(model, self.scorer.device)
-        if kept is None and whole:
+        if self.whole:
             return scorer.score(self.feats, "lafite", self.pseudo.seeds, found=self.neighbours(sc.k)).scores.numpy()
         todo = np.setdiff1d(np.arange(n), self.subset) if kept is not None else np.arange(n)
         start = time.perf_counter()
-        feats = self.feats[torch.from_numpy(todo)]
-        seeds = [self.pseudo.seeds[i] for i in todo]
-        got = scorer.score(feats, "lafite", seeds, found=scorer.neighbours(feats, sc.k)).scores.numpy()
-        out = np.empty(n, dtype=got.dtype)
-        out[todo] = got
+        out = np.empty(n, dtype=np.float32)
         if kept is not None:
             out[self.subset] = kept
-        log.info("calibration: the chosen point scored on %d pseudo-validation images outside the search's in %.1f s",
-                 len(todo), time.perf_counter() - start)
+        for s in range(0, len(todo), chunk):
+            rows = todo[s : s + chunk]
+            feats = self.feats[torch.from_numpy(rows)]
+            out[rows] = scorer.score(feats, "lafite", [self.pseudo.seeds[i] for i in rows],
+                                     found=scorer.neighbours(feats, sc.k)).scores.numpy()
+        log.info("calibration: %d pseudo-validation images scored at tau=%d K=%d DDIM steps=%d in %.1f s (%s)",
+                 len(todo), sc.tau, sc.k, sc.ddim_steps, time.perf_counter() - start,
+                 "the images outside the search's" if kept is not None else "a point the search did not score")
         return out
 
 
@@ -577,20 +584,23 @@ def select(
     model: LafiteModel, extractor: FeatureExtractor, holdout: Sequence[Sample], sources: Sequence[Sample],
     storage_options: dict | None = None, device: str | None = None, progress: Progress = quiet,
 ) -> Selection:
-    """Pseudo-validation set from held-out normals, search tau then K, calibrate the threshold.
+    """Pseudo-validation set from held-out normals, search tau then K (then DDIM steps) on its
+    ``search.images_per_category`` subset, calibrate the threshold on the whole set.
 
     Returns a new model with the chosen tau and K in its config (``model`` is not changed). Raises
     when no category has held-out normals: the threshold cannot be calibrated without them.
     """
     cfg = model.config
     pseudo, failures = pseudo_validation(cfg, extractor, holdout, sources, storage_options, progress)
-    subset = search_subset(pseudo.labels, pseudo.categories, cfg.search.images_per_category, cfg.seed)
+    subset = (search_subset(pseudo.labels, pseudo.categories, cfg.search.images_per_category, cfg.seed)
+              if cfg.search.enabled else None)
     evaluator = PseudoEvaluator(Scorer(model, device), pseudo, progress, subset)
     if cfg.search.enabled:
+        images = len(evaluator.subset)
         log.info("search: scoring %d of %d pseudo-validation images (search.images_per_category=%s)",
-                 len(subset), len(pseudo.labels), cfg.search.images_per_category)
+                 images, len(pseudo.labels), cfg.search.images_per_category)
         search = dataclasses.replace(search_hyperparameters(evaluator, cfg.search, cfg.scoring.ddim_steps),
-                                     images=len(subset))
+                                     images=images)
     else:
         log.info("hyperparameter search disabled: tau=%d, K=%d from the config", model.tau, model.k)
         search = SearchResult(model.tau, model.k, ())

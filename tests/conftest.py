@@ -29,7 +29,8 @@ def shared_data() -> Path:
 TINY = {
     "diffusion": {"base_channels": 16, "channel_mult": (1, 2), "epochs": 8, "batch_size": 8, "lr": 1e-3,
                   "checkpoint_every": 1, "warm_start_fraction": 0.25},  # a warm start: 2 epochs
-    "search": {"taus": (50, 200), "ks": (1, 3), "ddim_steps": (1, 2)},
+    # 4 of each category's 6 or more pseudo-validation images: every flow and fit here runs the subset path
+    "search": {"taus": (50, 200), "ks": (1, 3), "ddim_steps": (1, 2), "images_per_category": 4},
     "scoring": {"ddim_steps": 2},
 }
 

@@ -84,6 +84,8 @@ def test_published_files_agree_on_tau_k_and_threshold(trained_store):
     value = {"tau": "tau", "k": "k", "steps": "ddim_steps"}
     assert {(r["stage"], r[value[r["stage"]]]) for r in search if r["chosen"]} == {
         ("tau", tau), ("k", k), ("steps", model.config.scoring.ddim_steps)}
+    # every point scored on 4 of each category's 6 or more pseudo-validation images (search.images_per_category)
+    assert {r["images"] for r in search} == {4 * len(model.categories)}
 
 
 def test_training_key_covers_what_determines_the_weights(small_demo, tiny_overrides):

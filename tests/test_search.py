@@ -81,6 +81,13 @@ def test_the_cpu_profile_stops_its_steps_stage_early():
     assert load_profile("paper").search.steps_patience == 0
 
 
+def test_the_cpu_profile_searches_a_subset_and_the_paper_profile_every_image():
+    from lafite_core.config import load_profile
+
+    assert load_profile("cpu").search.images_per_category == 128
+    assert load_profile("paper").search.images_per_category is None
+
+
 def test_step_counts_must_be_positive():
     with pytest.raises(ValidationError, match="DDIM step count"):
         SearchConfig(ddim_steps=(0, 2))
@@ -104,6 +111,22 @@ def test_search_subset_caps_each_category_and_keeps_its_share_of_anomalies():
     # a rare label keeps at least one image, so every category's AUROC stays defined
     rare = search_subset(np.array([1] + [0] * 99), np.array(["d/c"] * 100), 10, seed=3)
     assert len(rare) == 10 and 0 in rare
+    rare = search_subset(np.array([0] + [1] * 99), np.array(["d/c"] * 100), 10, seed=3)
+    assert len(rare) == 10 and 0 in rare
+    one_label = search_subset(np.zeros(50, int), np.array(["d/c"] * 50), 10, seed=3)  # no AUROC, still capped
+    assert len(one_label) == 10 and len(set(one_label)) == 10
+
+
+def test_the_evaluator_refuses_a_subset_out_of_order():
+    import numpy as np
+
+    from lafite_core.stages import PseudoEvaluator, PseudoValidation
+
+    pseudo = PseudoValidation(np.zeros((4, 2, 2, 2), np.float32), np.array([0, 0, 1, 1]), np.zeros((4, 8, 8), bool),
+                              np.array(["d/c"] * 4), [0, 1, 2, 3])
+    for bad in ([1, 0, 2, 3], [0, 0, 1], [0, 4]):
+        with pytest.raises(ValueError, match="increasing indices"):
+            PseudoEvaluator(None, pseudo, subset=np.array(bad))
 
 
 def test_search_table_records_the_images_each_point_was_scored_on():

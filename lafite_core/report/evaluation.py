@@ -185,9 +185,10 @@ def _search(page: Page, points: list[dict]) -> None:
         page.missing("no search points: the search was disabled (tau and K came from the config)")
         return
     page.add(page.image("search", search_figure(points), "pseudo-validation search curves"))
-    page.table(["stage", "tau", "K", "DDIM steps", "image AUROC", "pixel AUROC", "seconds", "chosen"],
+    page.table(["stage", "tau", "K", "DDIM steps", "image AUROC", "pixel AUROC", "images", "seconds", "chosen"],
                [(p["stage"], p["tau"], "-" if p["k"] is None else p["k"], p["ddim_steps"], pct(p["image_auroc"]),
-                 pct(p["pixel_auroc"]), f"{p['seconds']:.1f}", "yes" if p["chosen"] else "")
+                 pct(p["pixel_auroc"]), "-" if p.get("images") is None else p["images"], f"{p['seconds']:.1f}",
+                 "yes" if p["chosen"] else "")
                 for p in points])
 
 
