@@ -7,7 +7,7 @@
 #     bash bench/gpu.sh
 #
 # It creates .venv with the project's own `pip install -e .` when .venv is missing (the only thing
-# it installs) and then runs the check under a 7-minute limit. Extra arguments go to gpu_check.py,
+# it installs) and then runs the check under a 9-minute limit. Extra arguments go to gpu_check.py,
 # e.g. `bash bench/gpu.sh --checkpoint /path/efficientnet_b4.pth` for real B4 weights without the hub.
 # Exits with status 2 and a message when no NVIDIA GPU is present.
 set -euo pipefail
@@ -25,4 +25,4 @@ if [ ! -x .venv/bin/python ]; then
     .venv/bin/pip install -e .
 fi
 
-exec timeout 420 .venv/bin/python bench/gpu_check.py "$@"
+exec timeout 540 .venv/bin/python bench/gpu_check.py "$@"

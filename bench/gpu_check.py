@@ -11,7 +11,12 @@ environment exists). Measured, each beside its reference in the same run:
   search and with ``TorchKNN`` on the GPU, and PatchCore on the same features;
 - peak GPU memory (``torch.cuda.max_memory_allocated``) of each stage;
 - CPU vs GPU agreement: the same model, features and noise seeds scored on both devices; max
-  absolute and relative differences of the anomaly maps and image scores.
+  absolute and relative differences of the anomaly maps and image scores;
+- issue 11's pairs on the GPU: U-Net training steps/s and LafitE scoring images/s in fp32 vs bf16
+  autocast (``compute.precision``), with the bf16 scores' difference from fp32; and LafitE vs
+  PatchCore end to end on generated image files (read, decode, resize, B4 features, scoring:
+  ``stages.load_all`` and ``stages.score_images``, the functions a scoring shard runs, without
+  Prefect and Ray), at the profile's DDIM steps and at 1 step.
 
 The B4 weights come from the timm hub. When it is unreachable, the check falls back to RANDOM B4
 weights (loudly, and recorded in the output): speed and agreement do not depend on the weights.
@@ -55,12 +60,14 @@ class Sizes:
     bank: int
     agree_images: int
     ddim_steps: int | None  # None: the profile's
+    e2e_images: int  # generated image files scored end to end by each method
+    e2e_side: int  # their side in pixels
 
 
 GPU = Sizes(batch=64, backbone_batches=5, train_steps=20, bare_steps=20, score_images=256, bank=50_000,
-            agree_images=4, ddim_steps=None)
+            agree_images=4, ddim_steps=None, e2e_images=512, e2e_side=512)
 CPU_SMOKE = Sizes(batch=2, backbone_batches=1, train_steps=2, bare_steps=2, score_images=2, bank=2_000,
-                  agree_images=2, ddim_steps=2)
+                  agree_images=2, ddim_steps=2, e2e_images=3, e2e_side=64)
 
 
 def log(msg: str) -> None:
@@ -140,10 +147,9 @@ class TrainingResult:
     peak_gb_bare: float | None
 
 
-def bench_training(cfg, dim: int, sizes: Sizes, device: torch.device):
-    """steps/s through train_unet (second epoch) and through a bare loop with GPU-side randomness."""
-    from lafite_core.method.schedule import add_noise, cosine_schedule
-    from lafite_core.method.train import new_state, train_unet
+def library_steps(cfg, dim: int, sizes: Sizes, device: torch.device, precision: str = "fp32"):
+    """(steps/s through train_unet in its second epoch, peak GB, the trained state) at ``precision``."""
+    from lafite_core.method.train import train_unet
 
     size = cfg.backbone.feature_size
     dcfg = cfg.diffusion.model_copy(update={"epochs": 2, "checkpoint_every": 10**6, "batch_size": sizes.batch})
@@ -157,15 +163,26 @@ def bench_training(cfg, dim: int, sizes: Sizes, device: torch.device):
         stamps.append(time.perf_counter())
 
     stamps.append(time.perf_counter())
-    state = train_unet(feats, dcfg, 0, device, on_epoch=on_epoch)
-    lib = sizes.train_steps / (stamps[2] - stamps[1])
-    lib_peak = peak_gb(device)
-    log(f"  training (train_unet): {lib:.2f} steps/s")
+    state = train_unet(feats, dcfg, 0, device, on_epoch=on_epoch, precision=precision)
+    rate = sizes.train_steps / (stamps[2] - stamps[1])
+    log(f"  training (train_unet, {precision}): {rate:.2f} steps/s")
+    return rate, peak_gb(device), state
+
+
+def bench_training(cfg, dim: int, sizes: Sizes, device: torch.device):
+    """steps/s through train_unet (second epoch) and through a bare loop with GPU-side randomness."""
+    from lafite_core.method.schedule import add_noise, cosine_schedule
+    from lafite_core.method.train import new_state
+
+    size = cfg.backbone.feature_size
+    dcfg = cfg.diffusion.model_copy(update={"epochs": 2, "checkpoint_every": 10**6, "batch_size": sizes.batch})
+    feats = torch.randn(sizes.batch, dim, size, size, generator=torch.Generator().manual_seed(1))
+    lib, lib_peak, state = library_steps(cfg, dim, sizes, device)
 
     bare_state = new_state(dim, size, dcfg, 0, device)
     unet, opt = bare_state.unet, bare_state.optimizer
     ab = torch.tensor(cosine_schedule(dcfg.timesteps).alphas_cumprod, dtype=torch.float32, device=device)
-    data = feats[: sizes.batch].to(device)
+    data = feats.to(device)
     g = torch.Generator(device=device).manual_seed(0)
 
     def step() -> None:
@@ -213,19 +230,30 @@ def fill_zero_layers(unet: torch.nn.Module, seed: int, std: float = 0.02) -> int
     return len(layers)
 
 
-def make_model(cfg, unet, dim: int, bank_size: int):
-    """A LafiteModel from the given U-Net, statistics of random features and a clustered random bank."""
+def make_model(cfg, unet, card: dict, dim: int, bank_size: int):
+    """A LafiteModel from the given U-Net: statistics of random features, a clustered random bank in
+    LafitE's view and, for PatchCore's own recipe, its bank built from random features the way
+    training builds it (``patchcore.build_bank``); ``card`` is the backbone's (levels and strides)."""
+    from lafite_core.method import patchcore
     from lafite_core.method.model import LafiteModel
     from lafite_core.method.normalize import FeatureStats
+    from lafite_core.method.views import apply_view, native_grids
 
     rng = np.random.default_rng(0)
     size = cfg.backbone.feature_size
-    stats = FeatureStats.fit(torch.from_numpy(rng.standard_normal((8, dim, size, size), dtype=np.float32)))
-    centres = rng.standard_normal((512, dim), dtype=np.float32)
-    bank = centres[rng.integers(512, size=bank_size)] + 0.5 * rng.standard_normal((bank_size, dim), dtype=np.float32)
-    unet = unet.cpu().eval()
-    return LafiteModel(config=cfg, stats=stats, unet=unet, bank=bank, tau=cfg.scoring.tau, k=cfg.scoring.k,
-                       categories=("bench/random",))
+    raw = torch.from_numpy(rng.standard_normal((8, dim, size, size), dtype=np.float32))
+    channels, grids = tuple(card["channels"]), native_grids(card, cfg.data.image_size)
+    view = apply_view(raw, cfg.features, channels, grids)
+    stats = FeatureStats.fit(view)
+    d = view.shape[1]
+    centres = rng.standard_normal((512, d), dtype=np.float32)
+    bank = centres[rng.integers(512, size=bank_size)] + 0.5 * rng.standard_normal((bank_size, d), dtype=np.float32)
+    baseline = None
+    if cfg.baseline.recipe == "patchcore":
+        baseline = patchcore.build_bank(raw, np.array(["bench/random"] * len(raw)), cfg.baseline, cfg.coreset,
+                                        channels, grids, cfg.seed)
+    return LafiteModel(config=cfg, stats=stats, unet=unet.cpu().eval(), bank=bank, categories=("bench/random",),
+                       backbone=card, baseline_bank=baseline)
 
 
 def raw_features(n: int, dim: int, size: int, seed: int) -> torch.Tensor:
@@ -315,6 +343,108 @@ def check_agreement(model, sizes: Sizes, device: torch.device) -> list[Agreement
     return out
 
 
+# --------------------------------------------------------------------------- issue 11's pairs
+
+
+@dataclass
+class PrecisionResult:
+    train_fp32_steps_per_s: float
+    train_bf16_steps_per_s: float
+    train_speedup: float
+    score_fp32_images_per_s: float
+    score_bf16_images_per_s: float
+    score_speedup: float
+    score_max_abs: float  # bf16 vs fp32 image scores, same features and noise seeds
+    score_max_rel: float
+    ddim_steps: int
+
+
+def bench_precision(model, dim: int, sizes: Sizes, device: torch.device) -> PrecisionResult:
+    """U-Net training and LafitE scoring in fp32 and under bf16 autocast on ``device``, side by side."""
+    import dataclasses as dc
+
+    from lafite_core.method.model import Scorer
+
+    cfg = model.config
+    train = {p: library_steps(cfg, dim, sizes, device, p)[0] for p in ("fp32", "bf16")}
+    feats = raw_features(sizes.score_images, model.feature_dim, cfg.backbone.feature_size, 4)
+    seeds = list(range(sizes.score_images))
+    rate, scores = {}, {}
+    for p in ("fp32", "bf16"):
+        scorer = Scorer(dc.replace(model, config=cfg.with_updates(compute={"precision": p})), device)
+        scorer.score(feats[:2], "lafite", seeds[:2])  # warm-up
+        sync(device)
+        t = time.perf_counter()
+        scores[p] = scorer.score(feats, "lafite", seeds).scores
+        sync(device)
+        rate[p] = len(seeds) / (time.perf_counter() - t)
+        log(f"  scoring lafite {p}: {rate[p]:.1f} images/s")
+    diff = (scores["fp32"] - scores["bf16"]).abs().max().item()
+    rel = diff / max(scores["fp32"].abs().max().item(), 1e-30)
+    return PrecisionResult(train["fp32"], train["bf16"], train["bf16"] / train["fp32"], rate["fp32"], rate["bf16"],
+                           rate["bf16"] / rate["fp32"], diff, rel, cfg.scoring.ddim_steps)
+
+
+@dataclass
+class EndToEndResult:
+    method: str
+    ddim_steps: int | None
+    images: int
+    side: int
+    images_per_s: float
+
+
+def write_images(n: int, side: int, root) -> list:
+    """``n`` textured PNGs of ``side`` pixels in MVTec layout (train/good) -> their Samples."""
+    from PIL import Image
+
+    from lafite_core.datapath.data import discover
+
+    folder = root / "bench" / "random" / "train" / "good"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(5)
+    yy, xx = np.mgrid[0:side, 0:side] / side
+    for i in range(n):
+        f = rng.uniform(2, 12, 3)
+        img = 127 + 60 * np.sin(2 * np.pi * (f[:, None, None] * xx + f[::-1, None, None] * yy + rng.uniform(0, 1, (3, 1, 1))))
+        img = np.clip(img.transpose(1, 2, 0) + rng.normal(0, 12, (side, side, 3)), 0, 255).astype(np.uint8)
+        Image.fromarray(img).save(folder / f"{i:04d}.png")
+    return [s for c in discover(str(root)) for s in c.train]
+
+
+def bench_end_to_end(model, extractor, sizes: Sizes, device: torch.device, tmp) -> list[EndToEndResult]:
+    """LafitE (at the profile's DDIM steps and at 1) vs PatchCore from image files: read, decode,
+    resize, features, scores, each method on its own over the same files."""
+    import dataclasses as dc
+
+    from lafite_core.method.model import Scorer
+    from lafite_core.stages import load_all, score_images
+
+    samples = write_images(sizes.e2e_images, sizes.e2e_side, tmp)
+    cfg = model.config
+    runs = [("patchcore", None), ("lafite", cfg.scoring.ddim_steps), ("lafite", 1)]
+    out = []
+    for method, steps in runs:
+        m = model if steps is None else dc.replace(model, config=cfg.with_updates(scoring={"ddim_steps": steps}))
+        scorer = Scorer(m, device)
+
+        def run(part):
+            loaded, bad = load_all(part, cfg)
+            assert not bad, bad
+            return score_images(scorer, extractor, [s.image for s in loaded], [s.content_hash for s in loaded],
+                                (method,))
+
+        run(samples[:2])  # warm-up
+        sync(device)
+        t = time.perf_counter()
+        run(samples)
+        sync(device)
+        rate = len(samples) / (time.perf_counter() - t)
+        log(f"  end to end {method} ({steps or '-'} steps): {rate:.1f} images/s")
+        out.append(EndToEndResult(method, steps, len(samples), sizes.e2e_side, rate))
+    return out
+
+
 # --------------------------------------------------------------------------- report
 
 
@@ -352,6 +482,25 @@ def markdown(res: dict) -> str:
     for r in res["agreement"]:
         out.append(f"| {r['method']} | {r['images']} | {r['map_max_abs']:.3g} | {r['map_max_rel']:.3g} | "
                    f"{r['score_max_abs']:.3g} | {r['score_max_rel']:.3g} |")
+    pr = res["precision"]
+    out += ["", "## fp32 vs bf16 autocast (issue 11)", "",
+            "| | fp32 | bf16 | bf16 / fp32 | target |", "|---|---|---|---|---|",
+            f"| U-Net training, train_unet steps/s | {pr['train_fp32_steps_per_s']:.2f} | "
+            f"{pr['train_bf16_steps_per_s']:.2f} | {pr['train_speedup']:.2f} | >= 1.8 |",
+            f"| LafitE scoring, images/s ({pr['ddim_steps']} DDIM steps) | {pr['score_fp32_images_per_s']:.1f} | "
+            f"{pr['score_bf16_images_per_s']:.1f} | {pr['score_speedup']:.2f} | - |", "",
+            f"bf16 image scores vs fp32 (same features and seeds): max abs {pr['score_max_abs']:.3g}, max rel "
+            f"{pr['score_max_rel']:.3g} (random weights: the AUROC comparison needs a trained model and real data).",
+            "", "## LafitE vs PatchCore end to end (issue 11)", "",
+            "Generated PNGs read, decoded, resized, through the backbone and scored by one method at a time "
+            "(`stages.load_all` + `stages.score_images`; no Prefect, Ray or Parquet).", "",
+            "| method | DDIM steps | images | side | images/s | LafitE / PatchCore | target |", "|---|---|---|---|---|---|---|"]
+    pc = next(r["images_per_s"] for r in res["end_to_end"] if r["method"] == "patchcore")
+    for r in res["end_to_end"]:
+        lafite = r["method"] == "lafite"
+        ratio = f"{r['images_per_s'] / pc:.2f}" if lafite else "-"
+        out.append(f"| {r['method']} | {r['ddim_steps'] or '-'} | {r['images']} | {r['side']} | {r['images_per_s']:.1f} "
+                   f"| {ratio} | {'>= 0.5' if lafite else '-'} |")
     return "\n".join(out) + "\n"
 
 
@@ -402,16 +551,27 @@ def main(argv=None) -> int:
     extractor = extractor.to(device)
     res["backbone"] = asdict(bench_backbone(extractor, cfg, sizes, device, note))
     dim = extractor.info.feature_dim
-    del extractor
+    from lafite_core.stages import backbone_card
+
+    card = backbone_card(extractor)
     log("training ...")
     training, unet = bench_training(cfg, dim, sizes, device)
     res["training"] = asdict(training)
     res["filled_layers"] = fill_zero_layers(unet, 0)
-    model = make_model(cfg, unet, dim, sizes.bank)
+    model = make_model(cfg, unet, card, dim, sizes.bank)
     log("scoring ...")
     res["scoring"] = [asdict(r) for r in bench_scoring(model, sizes, device)]
     log("agreement ...")
     res["agreement"] = [asdict(r) for r in check_agreement(model, sizes, device)]
+    log("fp32 vs bf16 ...")
+    res["precision"] = asdict(bench_precision(model, dim, sizes, device))
+    log("end to end ...")
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory(prefix="gpu-check-") as tmp:
+        res["end_to_end"] = [asdict(r) for r in bench_end_to_end(model, extractor, sizes, device, Path(tmp))]
+    del extractor
     res["seconds"] = time.perf_counter() - started
     stem = out_stem(args.out, "gpu_cpu_smoke" if args.cpu_smoke else "gpu", False)
     text = markdown(res)
