@@ -1,14 +1,15 @@
 """GPU check for the ``paper`` profile: training and scoring speed, peak memory, CPU/GPU agreement.
 
-Run through ``bash bench/gpu.sh`` on a machine with an NVIDIA GPU (estimated 3-5 minutes after the
-environment exists). Measured, each beside its reference in the same run:
+Run through ``bash bench/gpu.sh`` on a machine with an NVIDIA GPU (estimated 4-6 minutes after the
+environment exists). "fp32" on CUDA is torch's default: TF32 convolutions in cuDNN (recorded in the output). Measured, each beside its reference in the same run:
 
 - EfficientNet-B4 feature extraction, images/s at batch 64 (224 x 224 input);
-- U-Net (256, (1, 2, 3, 4)) training steps/s at batch 64 on [64, 272, 32, 32] features: through
-  ``lafite_core.method.train.train_unet`` (noise and timesteps drawn on the CPU, as the library does) and a
-  bare loop with everything drawn on the GPU (the same model, loss and optimiser);
-- scoring images/s at batch 64 (``Scorer.score``, paper DDIM steps) with the library's faiss
-  search and with ``TorchKNN`` on the GPU, and PatchCore on the same features;
+- U-Net (256, (1, 2, 3, 4)) training steps/s at batch 64 on [64, 272, 32, 32] features, fp32: through
+  ``lafite_core.method.train.train_unet`` (its loop, data indexing and logging) and a bare loop (the
+  same model, loss and optimiser; both draw their noise on the GPU);
+- scoring images/s at batch 64 in fp32 (``Scorer.score``, paper DDIM steps) with the nearest-neighbour
+  search the library picks on the device (faiss on a GPU build, else ``TorchKNN``) and, where that is
+  not already it, ``TorchKNN``; LafitE without editing; PatchCore (its own recipe and bank);
 - peak GPU memory (``torch.cuda.max_memory_allocated``) of each stage;
 - CPU vs GPU agreement: the same model, features and noise seeds scored on both devices; max
   absolute and relative differences of the anomaly maps and image scores;
@@ -65,7 +66,7 @@ class Sizes:
 
 
 GPU = Sizes(batch=64, backbone_batches=5, train_steps=20, bare_steps=20, score_images=256, bank=50_000,
-            agree_images=4, ddim_steps=None, e2e_images=512, e2e_side=512)
+            agree_images=4, ddim_steps=None, e2e_images=256, e2e_side=512)
 CPU_SMOKE = Sizes(batch=2, backbone_batches=1, train_steps=2, bare_steps=2, score_images=2, bank=2_000,
                   agree_images=2, ddim_steps=2, e2e_images=3, e2e_side=64)
 
@@ -231,10 +232,9 @@ def fill_zero_layers(unet: torch.nn.Module, seed: int, std: float = 0.02) -> int
 
 
 def make_model(cfg, unet, card: dict, dim: int, bank_size: int):
-    """A LafiteModel from the given U-Net: statistics of random features, a clustered random bank in
-    LafitE's view and, for PatchCore's own recipe, its bank built from random features the way
-    training builds it (``patchcore.build_bank``); ``card`` is the backbone's (levels and strides)."""
-    from lafite_core.method import patchcore
+    """A LafiteModel from the given U-Net (frozen, no gradients): statistics of random features, a
+    clustered random bank in LafitE's view and, for PatchCore's own recipe, one in its view a tenth of
+    LafitE's size; ``card`` is the backbone's (levels and strides)."""
     from lafite_core.method.model import LafiteModel
     from lafite_core.method.normalize import FeatureStats
     from lafite_core.method.views import apply_view, native_grids
@@ -249,10 +249,15 @@ def make_model(cfg, unet, card: dict, dim: int, bank_size: int):
     centres = rng.standard_normal((512, d), dtype=np.float32)
     bank = centres[rng.integers(512, size=bank_size)] + 0.5 * rng.standard_normal((bank_size, d), dtype=np.float32)
     baseline = None
-    if cfg.baseline.recipe == "patchcore":
-        baseline = patchcore.build_bank(raw, np.array(["bench/random"] * len(raw)), cfg.baseline, cfg.coreset,
-                                        channels, grids, cfg.seed)
-    return LafiteModel(config=cfg, stats=stats, unet=unet.cpu().eval(), bank=bank, categories=("bench/random",),
+    if cfg.baseline.recipe == "patchcore":  # a tenth of LafitE's rows, as a 1% coreset is of a 10% one
+        d2 = apply_view(raw[:1], cfg.baseline.view, channels, grids).shape[1]
+        m = max(bank_size // 10, 1)
+        centres = rng.standard_normal((512, d2), dtype=np.float32)
+        baseline = centres[rng.integers(512, size=m)] + 0.5 * rng.standard_normal((m, d2), dtype=np.float32)
+    unet = unet.cpu().eval().requires_grad_(False)
+    for p in unet.parameters():
+        p.grad = None  # training's last gradients would follow the weights to the GPU
+    return LafiteModel(config=cfg, stats=stats, unet=unet, bank=bank, categories=("bench/random",),
                        backbone=card, baseline_bank=baseline)
 
 
@@ -267,6 +272,7 @@ def raw_features(n: int, dim: int, size: int, seed: int) -> torch.Tensor:
 class ScoringResult:
     method: str
     knn: str
+    precision: str
     ddim_steps: int
     batch: int
     images: int
@@ -274,32 +280,46 @@ class ScoringResult:
     peak_gb: float | None
 
 
+def knn_name(knn, device: torch.device) -> str:
+    on_gpu = getattr(knn, "on_gpu", None)
+    where = device.type if on_gpu is None else ("GPU" if on_gpu else "CPU")
+    return f"{type(knn).__name__} ({where})"
+
+
+def fp32(model):
+    """``model`` scoring in fp32 (the paper profile's ``auto`` picks bf16 on CUDA)."""
+    return dataclasses.replace(model, config=model.config.with_updates(compute={"precision": "fp32"}))
+
+
 def bench_scoring(model, sizes: Sizes, device: torch.device) -> list[ScoringResult]:
     from lafite_core.method.knn import TorchKNN
     from lafite_core.method.model import Scorer
 
+    model = fp32(model)
     cfg = model.config
     feats = raw_features(sizes.score_images, model.feature_dim, cfg.backbone.feature_size, 2)
     seeds = list(range(sizes.score_images))
     out = []
-    faiss_scorer = Scorer(model, device)
-    torch_scorer = Scorer(model, device)
-    torch_scorer.knn = TorchKNN(model.bank, device=str(device))
-    knn_names = {id(faiss_scorer): f"faiss ({'GPU' if faiss_scorer.knn.on_gpu else 'CPU'})",
-                 id(torch_scorer): f"TorchKNN ({device.type})"}
-    for method, scorer in (("lafite", faiss_scorer), ("lafite", torch_scorer), ("lafite_no_edit", faiss_scorer),
-                           ("patchcore", faiss_scorer), ("patchcore", torch_scorer)):
-        scorer.score(feats[: min(2, len(seeds))], method, seeds[:2])  # warm-up
+    picked = Scorer(model, device)  # the search the library picks on this device
+    runs = [("lafite", picked, knn_name(picked.knn, device))]
+    if not isinstance(picked.knn, TorchKNN):
+        torch_scorer = Scorer(model, device)
+        torch_scorer.knn = TorchKNN(model.bank, device=str(device))
+        runs.append(("lafite", torch_scorer, knn_name(torch_scorer.knn, device)))
+    runs += [("lafite_no_edit", picked, "-"),
+             ("patchcore", picked, knn_name(picked.baseline_knn or picked.knn, device))]
+    warm = min(sizes.batch, len(seeds))
+    for method, scorer, name in runs:
+        scorer.score(feats[:warm], method, seeds[:warm])  # warm-up at the timed batch shape
         sync(device)
         reset_peak(device)
         t = time.perf_counter()
         scorer.score(feats, method, seeds)
         sync(device)
         rate = len(seeds) / (time.perf_counter() - t)
-        name = "-" if method == "lafite_no_edit" else knn_names[id(scorer)]
         log(f"  scoring {method} with {name}: {rate:.1f} images/s")
-        out.append(ScoringResult(method, name, cfg.scoring.ddim_steps, cfg.scoring.batch_size, len(seeds), rate,
-                                 peak_gb(device)))
+        out.append(ScoringResult(method, name, scorer.precision, cfg.scoring.ddim_steps, cfg.scoring.batch_size,
+                                 len(seeds), rate, peak_gb(device)))
     return out
 
 
@@ -324,6 +344,7 @@ def check_agreement(model, sizes: Sizes, device: torch.device) -> list[Agreement
     """
     from lafite_core.method.model import Scorer
 
+    model = fp32(model)  # both devices in fp32: bf16 would hide the devices' own difference
     cfg = model.config
     feats = raw_features(sizes.agree_images, model.feature_dim, cfg.backbone.feature_size, 3)
     seeds = [1000 + i for i in range(sizes.agree_images)]
@@ -372,7 +393,8 @@ def bench_precision(model, dim: int, sizes: Sizes, device: torch.device) -> Prec
     rate, scores = {}, {}
     for p in ("fp32", "bf16"):
         scorer = Scorer(dc.replace(model, config=cfg.with_updates(compute={"precision": p})), device)
-        scorer.score(feats[:2], "lafite", seeds[:2])  # warm-up
+        warm = min(sizes.batch, len(seeds))
+        scorer.score(feats[:warm], "lafite", seeds[:warm])  # warm-up at the timed batch shape
         sync(device)
         t = time.perf_counter()
         scores[p] = scorer.score(feats, "lafite", seeds).scores
@@ -389,6 +411,7 @@ def bench_precision(model, dim: int, sizes: Sizes, device: torch.device) -> Prec
 class EndToEndResult:
     method: str
     ddim_steps: int | None
+    precision: str  # the U-Net's, as compute.precision=auto resolves it on the device
     images: int
     side: int
     images_per_s: float
@@ -408,7 +431,7 @@ def write_images(n: int, side: int, root) -> list:
         f = rng.uniform(2, 12, 3)
         img = 127 + 60 * np.sin(2 * np.pi * (f[:, None, None] * xx + f[::-1, None, None] * yy + rng.uniform(0, 1, (3, 1, 1))))
         img = np.clip(img.transpose(1, 2, 0) + rng.normal(0, 12, (side, side, 3)), 0, 255).astype(np.uint8)
-        Image.fromarray(img).save(folder / f"{i:04d}.png")
+        Image.fromarray(img).save(folder / f"{i:04d}.png", compress_level=1)
     return [s for c in discover(str(root)) for s in c.train]
 
 
@@ -441,7 +464,7 @@ def bench_end_to_end(model, extractor, sizes: Sizes, device: torch.device, tmp) 
         sync(device)
         rate = len(samples) / (time.perf_counter() - t)
         log(f"  end to end {method} ({steps or '-'} steps): {rate:.1f} images/s")
-        out.append(EndToEndResult(method, steps, len(samples), sizes.e2e_side, rate))
+        out.append(EndToEndResult(method, steps, scorer.precision, len(samples), sizes.e2e_side, rate))
     return out
 
 
@@ -464,16 +487,17 @@ def markdown(res: dict) -> str:
             f"{fmt(b['peak_gb'])} |", ""]
     t = res["training"]
     out += ["## U-Net training", "", f"Features {t['feature_shape']}, {t['parameters']:,} parameters, AdamW.", "",
-            "| train_unet steps/s | bare loop steps/s (GPU-side noise) | ratio | peak GB (train_unet / bare) |",
+            "| train_unet steps/s (fp32) | bare loop steps/s (fp32) | ratio | peak GB (train_unet / bare) |",
             "|---|---|---|---|",
             f"| {t['library_steps_per_s']:.2f} | {t['bare_steps_per_s']:.2f} | {t['library_over_bare']:.2f} | "
             f"{fmt(t['peak_gb_library'])} / {fmt(t['peak_gb_bare'])} |", "",
             "## Scoring (from features)", "",
-            f"Bank {res['bank']:,} x {b['feature_dim']}; images/s through Scorer.score.", "",
-            "| method | kNN | DDIM steps | batch | images | images/s | peak GB |", "|---|---|---|---|---|---|---|"]
+            f"LafitE's bank {res['bank']:,} rows, PatchCore's {res['baseline_bank']:,}; images/s through Scorer.score.", "",
+            "| method | kNN | precision | DDIM steps | batch | images | images/s | peak GB |",
+            "|---|---|---|---|---|---|---|---|"]
     for r in res["scoring"]:
-        out.append(f"| {r['method']} | {r['knn']} | {r['ddim_steps']} | {r['batch']} | {r['images']} | "
-                   f"{r['images_per_s']:.1f} | {fmt(r['peak_gb'])} |")
+        out.append(f"| {r['method']} | {r['knn']} | {r['precision']} | {r['ddim_steps']} | {r['batch']} | "
+                   f"{r['images']} | {r['images_per_s']:.1f} | {fmt(r['peak_gb'])} |")
     out += ["", "## CPU vs GPU agreement", "",
             f"Same model, features and noise seeds; the {res['filled_layers']} zero-initialised layers of the U-Net "
             f"were given small random weights first.",
@@ -483,8 +507,9 @@ def markdown(res: dict) -> str:
         out.append(f"| {r['method']} | {r['images']} | {r['map_max_abs']:.3g} | {r['map_max_rel']:.3g} | "
                    f"{r['score_max_abs']:.3g} | {r['score_max_rel']:.3g} |")
     pr = res["precision"]
+    tf32 = " (TF32 convolutions)" if res["tf32_cudnn"] and res["device"] != "CPU (smoke run)" else ""
     out += ["", "## fp32 vs bf16 autocast (issue 11)", "",
-            "| | fp32 | bf16 | bf16 / fp32 | target |", "|---|---|---|---|---|",
+            f"| | fp32{tf32} | bf16 | bf16 / fp32 | target |", "|---|---|---|---|---|",
             f"| U-Net training, train_unet steps/s | {pr['train_fp32_steps_per_s']:.2f} | "
             f"{pr['train_bf16_steps_per_s']:.2f} | {pr['train_speedup']:.2f} | >= 1.8 |",
             f"| LafitE scoring, images/s ({pr['ddim_steps']} DDIM steps) | {pr['score_fp32_images_per_s']:.1f} | "
@@ -493,14 +518,16 @@ def markdown(res: dict) -> str:
             f"{pr['score_max_rel']:.3g} (random weights: the AUROC comparison needs a trained model and real data).",
             "", "## LafitE vs PatchCore end to end (issue 11)", "",
             "Generated PNGs read, decoded, resized, through the backbone and scored by one method at a time "
-            "(`stages.load_all` + `stages.score_images`; no Prefect, Ray or Parquet).", "",
-            "| method | DDIM steps | images | side | images/s | LafitE / PatchCore | target |", "|---|---|---|---|---|---|---|"]
+            "(`stages.load_all` + `stages.score_images`; no Prefect, Ray or Parquet). PatchCore's view and map "
+            "run on the CPU in the library, LafitE's on the device.", "",
+            "| method | DDIM steps | U-Net precision | images | side | images/s | LafitE / PatchCore | target |",
+            "|---|---|---|---|---|---|---|---|"]
     pc = next(r["images_per_s"] for r in res["end_to_end"] if r["method"] == "patchcore")
     for r in res["end_to_end"]:
         lafite = r["method"] == "lafite"
         ratio = f"{r['images_per_s'] / pc:.2f}" if lafite else "-"
-        out.append(f"| {r['method']} | {r['ddim_steps'] or '-'} | {r['images']} | {r['side']} | {r['images_per_s']:.1f} "
-                   f"| {ratio} | {'>= 0.5' if lafite else '-'} |")
+        out.append(f"| {r['method']} | {r['ddim_steps'] or '-'} | {r['precision'] if lafite else '-'} | {r['images']} "
+                   f"| {r['side']} | {r['images_per_s']:.1f} | {ratio} | {'>= 0.5' if lafite else '-'} |")
     return "\n".join(out) + "\n"
 
 
@@ -559,6 +586,7 @@ def main(argv=None) -> int:
     res["training"] = asdict(training)
     res["filled_layers"] = fill_zero_layers(unet, 0)
     model = make_model(cfg, unet, card, dim, sizes.bank)
+    res["baseline_bank"] = 0 if model.baseline_bank is None else int(model.baseline_bank.shape[0])
     log("scoring ...")
     res["scoring"] = [asdict(r) for r in bench_scoring(model, sizes, device)]
     log("agreement ...")

@@ -189,13 +189,13 @@ def extraction_pair(data: str, samples, cfg, extractor, sizes: Sizes, tmp: Path)
     # what the read-ahead threads cost the cores the backbone runs on: loading alone, one thread
     from lafite_core.datapath.data import load_sample
 
-    probe = samples[:256]
-    t0 = time.perf_counter()
+    probe = samples[:: max(1, len(samples) // 256)]  # spread over every category and image size
+    t0 = time.thread_time()
     for s in probe:
         load_sample(s, cfg.data.image_size, cfg.data.max_image_pixels)
-    load_ms = 1e3 * (time.perf_counter() - t0) / len(probe)
-    backbone_ms = 1e3 / b  # the backbone keeps every core busy for this long an image
-    bound = backbone_ms / (backbone_ms + load_ms / (os.cpu_count() or 1))
+    load_ms = 1e3 * (time.thread_time() - t0) / len(probe)  # CPU time of this thread: core-ms
+    backbone_ms = 1e3 / b  # assumed to keep every core the process may use busy for this long an image
+    bound = backbone_ms / (backbone_ms + load_ms / len(os.sched_getaffinity(0)))
     log(f"  extraction, {data}: {p:.1f} vs {b:.1f} images/s; loading {load_ms:.1f} core-ms an image, bound {bound:.2f}")
     return ExtractionResult(data, len(samples), batch, p, b, p / b, load_ms, bound)
 
@@ -852,9 +852,10 @@ def markdown(res: dict, quick: bool) -> str:
         out += ["## Feature extraction", "",
                 f"Batch {es[0]['batch_size']}: whole data path (read, decode, resize, backbone, aggregation, Zarr "
                 f"write) vs. bare backbone forward on in-memory tensors of the same images. Loading: read, "
-                f"decode, resize (and mask, hash) of one image on one thread, nothing else running. Bound: the "
-                f"ratio if loading shared the {os.cpu_count()} cores perfectly with a backbone that keeps them all "
-                f"busy, backbone / (backbone + loading / cores), per image.", "",
+                f"decode, resize (and mask, hash) of up to 256 images spread over the set, CPU time of one thread. "
+                f"Bound: a ceiling from loading alone, assuming the backbone keeps the "
+                f"{len(os.sched_getaffinity(0))} cores busy and loading shares them perfectly, backbone / (backbone "
+                f"+ loading / cores) per image; the Zarr write and tensor copies are not in it.", "",
                 "| data | images | whole path (images/s) | bare backbone (images/s) | ratio | loading (core-ms an image) "
                 "| bound | target |",
                 "|---|---|---|---|---|---|---|---|"]

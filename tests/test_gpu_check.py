@@ -20,7 +20,9 @@ def test_gpu_check_cpu_smoke_runs_every_stage(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     res = json.loads(out.with_suffix(".json").read_text())
     assert res["cpu_smoke"] and res["backbone"]["weights"].startswith("RANDOM")
-    assert {(r["method"], r["knn"].split(" ")[0]) for r in res["scoring"]} >= {("lafite", "faiss"), ("patchcore", "faiss")}
+    rows = [(r["method"], r["knn"].split(" ")[0]) for r in res["scoring"]]
+    assert rows == [("lafite", "FaissKNN"), ("lafite", "TorchKNN"), ("lafite_no_edit", "-"), ("patchcore", "FaissKNN")]
+    assert {r["precision"] for r in res["scoring"]} == {"fp32"} and res["baseline_bank"] == res["bank"] // 10
     assert all(r["score_max_abs"] == 0 for r in res["agreement"])  # CPU against CPU: identical
     pr = res["precision"]
     assert pr["train_fp32_steps_per_s"] > 0 and pr["train_bf16_steps_per_s"] > 0
