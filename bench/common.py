@@ -127,3 +127,20 @@ def published_model(store_url: str, version: str | None, data_root: str):
     if not categories:
         raise SystemExit(f"none of the model's categories {model.categories} is under {data_root}")
     return model, version, categories
+
+
+def camera_jpegs(n: int, root: Path, size: tuple[int, int] = (2000, 1500)) -> Path:
+    """``n`` JPEGs of a textured scene, camera-sized by default (width, height), in MVTec layout
+    (``<root>/camera/part/train/good``); returns the dataset root ``<root>/camera``."""
+    import numpy as np
+    from PIL import Image
+
+    folder = root / "camera" / "part" / "train" / "good"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    y, x = np.mgrid[0 : size[1], 0 : size[0]].astype(np.float32)
+    for i in range(n):
+        img = np.stack([128 + 60 * np.sin(x / (30 + i % 7)) + 40 * np.cos(y / 23.0), 128 + 50 * np.sin((x + y) / 51.0),
+                        100 + rng.normal(0, 12, x.shape)], -1)
+        Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(folder / f"{i:04d}.jpg", quality=90)
+    return root / "camera"

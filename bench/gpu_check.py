@@ -15,7 +15,7 @@ environment exists). "fp32" on CUDA is torch's default: TF32 convolutions in cuD
   absolute and relative differences of the anomaly maps and image scores;
 - issue 11's pairs on the GPU: U-Net training steps/s and LafitE scoring images/s in fp32 vs bf16
   autocast (``compute.precision``), with the bf16 scores' difference from fp32; and LafitE vs
-  PatchCore end to end on generated image files (read, decode, resize, B4 features, scoring:
+  PatchCore end to end on generated camera-sized JPEGs (read, decode, resize, B4 features, scoring:
   ``stages.load_all`` and ``stages.score_images``, the functions a scoring shard runs, without
   Prefect and Ray), at the profile's DDIM steps and at 1 step.
 
@@ -46,7 +46,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from common import machine, out_stem, write_json, write_text  # noqa: E402
+from common import camera_jpegs, machine, out_stem, write_json, write_text  # noqa: E402
 
 BANNER = "!" * 100
 
@@ -61,14 +61,14 @@ class Sizes:
     bank: int
     agree_images: int
     ddim_steps: int | None  # None: the profile's
-    e2e_images: int  # generated image files scored end to end by each method
-    e2e_side: int  # their side in pixels
+    e2e_images: int  # generated JPEG files scored end to end by each method
+    e2e_size: tuple[int, int]  # their width and height
 
 
 GPU = Sizes(batch=64, backbone_batches=5, train_steps=20, bare_steps=20, score_images=256, bank=50_000,
-            agree_images=4, ddim_steps=None, e2e_images=256, e2e_side=512)
+            agree_images=4, ddim_steps=None, e2e_images=256, e2e_size=(2000, 1500))
 CPU_SMOKE = Sizes(batch=2, backbone_batches=1, train_steps=2, bare_steps=2, score_images=2, bank=2_000,
-                  agree_images=2, ddim_steps=2, e2e_images=3, e2e_side=64)
+                  agree_images=2, ddim_steps=2, e2e_images=3, e2e_size=(96, 72))
 
 
 def log(msg: str) -> None:
@@ -413,37 +413,22 @@ class EndToEndResult:
     ddim_steps: int | None
     precision: str  # the U-Net's, as compute.precision=auto resolves it on the device
     images: int
-    side: int
+    size: str  # width x height of the files
     images_per_s: float
 
 
-def write_images(n: int, side: int, root) -> list:
-    """``n`` textured PNGs of ``side`` pixels in MVTec layout (train/good) -> their Samples."""
-    from PIL import Image
-
-    from lafite_core.datapath.data import discover
-
-    folder = root / "bench" / "random" / "train" / "good"
-    folder.mkdir(parents=True)
-    rng = np.random.default_rng(5)
-    yy, xx = np.mgrid[0:side, 0:side] / side
-    for i in range(n):
-        f = rng.uniform(2, 12, 3)
-        img = 127 + 60 * np.sin(2 * np.pi * (f[:, None, None] * xx + f[::-1, None, None] * yy + rng.uniform(0, 1, (3, 1, 1))))
-        img = np.clip(img.transpose(1, 2, 0) + rng.normal(0, 12, (side, side, 3)), 0, 255).astype(np.uint8)
-        Image.fromarray(img).save(folder / f"{i:04d}.png", compress_level=1)
-    return [s for c in discover(str(root)) for s in c.train]
-
-
 def bench_end_to_end(model, extractor, sizes: Sizes, device: torch.device, tmp) -> list[EndToEndResult]:
-    """LafitE (at the profile's DDIM steps and at 1) vs PatchCore from image files: read, decode,
-    resize, features, scores, each method on its own over the same files."""
+    """LafitE (at the profile's DDIM steps and at 1) vs PatchCore from JPEG files (camera-sized on the
+    GPU: the dump a quality engineer scores): read, decode, resize, features, scores, each method on
+    its own over the same files."""
     import dataclasses as dc
 
+    from lafite_core.datapath.data import discover
     from lafite_core.method.model import Scorer
     from lafite_core.stages import load_all, score_images
 
-    samples = write_images(sizes.e2e_images, sizes.e2e_side, tmp)
+    root = camera_jpegs(sizes.e2e_images, tmp, sizes.e2e_size)
+    samples = [s for c in discover(str(root)) for s in c.train]
     cfg = model.config
     runs = [("patchcore", None), ("lafite", cfg.scoring.ddim_steps), ("lafite", 1)]
     out = []
@@ -464,7 +449,8 @@ def bench_end_to_end(model, extractor, sizes: Sizes, device: torch.device, tmp) 
         sync(device)
         rate = len(samples) / (time.perf_counter() - t)
         log(f"  end to end {method} ({steps or '-'} steps): {rate:.1f} images/s")
-        out.append(EndToEndResult(method, steps, scorer.precision, len(samples), sizes.e2e_side, rate))
+        out.append(EndToEndResult(method, steps, scorer.precision, len(samples), "x".join(map(str, sizes.e2e_size)),
+                                  rate))
     return out
 
 
@@ -517,17 +503,18 @@ def markdown(res: dict) -> str:
             f"bf16 image scores vs fp32 (same features and seeds): max abs {pr['score_max_abs']:.3g}, max rel "
             f"{pr['score_max_rel']:.3g} (random weights: the AUROC comparison needs a trained model and real data).",
             "", "## LafitE vs PatchCore end to end (issue 11)", "",
-            "Generated PNGs read, decoded, resized, through the backbone and scored by one method at a time "
+            "Generated JPEGs read, decoded (at a reduced scale where they are large), resized, through the "
+            "backbone and scored by one method at a time "
             "(`stages.load_all` + `stages.score_images`; no Prefect, Ray or Parquet). PatchCore's view and map "
             "run on the CPU in the library, LafitE's on the device.", "",
-            "| method | DDIM steps | U-Net precision | images | side | images/s | LafitE / PatchCore | target |",
+            "| method | DDIM steps | U-Net precision | images | size | images/s | LafitE / PatchCore | target |",
             "|---|---|---|---|---|---|---|---|"]
     pc = next(r["images_per_s"] for r in res["end_to_end"] if r["method"] == "patchcore")
     for r in res["end_to_end"]:
         lafite = r["method"] == "lafite"
         ratio = f"{r['images_per_s'] / pc:.2f}" if lafite else "-"
         out.append(f"| {r['method']} | {r['ddim_steps'] or '-'} | {r['precision'] if lafite else '-'} | {r['images']} "
-                   f"| {r['side']} | {r['images_per_s']:.1f} | {ratio} | {'>= 0.5' if lafite else '-'} |")
+                   f"| {r['size']} | {r['images_per_s']:.1f} | {ratio} | {'>= 0.5' if lafite else '-'} |")
     return "\n".join(out) + "\n"
 
 

@@ -52,7 +52,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common import SHARED_DATA, Ticker, machine, out_stem, write_json, write_text
+from common import SHARED_DATA, Ticker, camera_jpegs, machine, out_stem, write_json, write_text
 
 SECTIONS = ("extraction", "knn", "coreset", "scoring", "compile", "search", "ray", "training", "endtoend")
 CHILD_FLAG = "--coreset-child"
@@ -127,21 +127,6 @@ class ExtractionResult:
     load_core_ms: float  # read + decode + resize (+ mask, hash) of one image on one thread, nothing else running
     bound: float  # the ratio if that loading shared the cores perfectly with a backbone that keeps them all busy
     target: float = 0.8
-
-
-def camera_jpegs(n: int, root: Path) -> Path:
-    """``n`` camera-sized (2000 x 1500) JPEGs of a textured scene, in MVTec layout (train/good)."""
-    from PIL import Image
-
-    folder = root / "camera" / "part" / "train" / "good"
-    folder.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    y, x = np.mgrid[0:1500, 0:2000].astype(np.float32)
-    for i in range(n):
-        img = np.stack([128 + 60 * np.sin(x / (30 + i % 7)) + 40 * np.cos(y / 23.0), 128 + 50 * np.sin((x + y) / 51.0),
-                        100 + rng.normal(0, 12, x.shape)], -1)
-        Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(folder / f"{i:04d}.jpg", quality=90)
-    return root / "camera"
 
 
 def bench_extraction(categories, cfg, extractor, sizes: Sizes, tmp: Path) -> list[ExtractionResult]:
