@@ -286,16 +286,17 @@ def knn_name(knn, device: torch.device) -> str:
     return f"{type(knn).__name__} ({where})"
 
 
-def fp32(model):
-    """``model`` scoring in fp32 (the paper profile's ``auto`` picks bf16 on CUDA)."""
-    return dataclasses.replace(model, config=model.config.with_updates(compute={"precision": "fp32"}))
+def at_precision(model, precision: str = "fp32"):
+    """``model`` scoring at ``compute.precision`` = ``precision`` (the paper profile's ``auto`` picks
+    bf16 on CUDA)."""
+    return dataclasses.replace(model, config=model.config.with_updates(compute={"precision": precision}))
 
 
 def bench_scoring(model, sizes: Sizes, device: torch.device) -> list[ScoringResult]:
     from lafite_core.method.knn import TorchKNN
     from lafite_core.method.model import Scorer
 
-    model = fp32(model)
+    model = at_precision(model)
     cfg = model.config
     feats = raw_features(sizes.score_images, model.feature_dim, cfg.backbone.feature_size, 2)
     seeds = list(range(sizes.score_images))
@@ -344,7 +345,7 @@ def check_agreement(model, sizes: Sizes, device: torch.device) -> list[Agreement
     """
     from lafite_core.method.model import Scorer
 
-    model = fp32(model)  # both devices in fp32: bf16 would hide the devices' own difference
+    model = at_precision(model)  # both devices in fp32: bf16 would hide the devices' own difference
     cfg = model.config
     feats = raw_features(sizes.agree_images, model.feature_dim, cfg.backbone.feature_size, 3)
     seeds = [1000 + i for i in range(sizes.agree_images)]
@@ -382,8 +383,6 @@ class PrecisionResult:
 
 def bench_precision(model, dim: int, sizes: Sizes, device: torch.device) -> PrecisionResult:
     """U-Net training and LafitE scoring in fp32 and under bf16 autocast on ``device``, side by side."""
-    import dataclasses as dc
-
     from lafite_core.method.model import Scorer
 
     cfg = model.config
@@ -392,7 +391,7 @@ def bench_precision(model, dim: int, sizes: Sizes, device: torch.device) -> Prec
     seeds = list(range(sizes.score_images))
     rate, scores = {}, {}
     for p in ("fp32", "bf16"):
-        scorer = Scorer(dc.replace(model, config=cfg.with_updates(compute={"precision": p})), device)
+        scorer = Scorer(at_precision(model, p), device)
         warm = min(sizes.batch, len(seeds))
         scorer.score(feats[:warm], "lafite", seeds[:warm])  # warm-up at the timed batch shape
         sync(device)
@@ -421,8 +420,6 @@ def bench_end_to_end(model, extractor, sizes: Sizes, device: torch.device, tmp) 
     """LafitE (at the profile's DDIM steps and at 1) vs PatchCore from JPEG files (camera-sized on the
     GPU: the dump a quality engineer scores): read, decode, resize, features, scores, each method on
     its own over the same files."""
-    import dataclasses as dc
-
     from lafite_core.datapath.data import discover
     from lafite_core.method.model import Scorer
     from lafite_core.stages import load_all, score_images
@@ -433,7 +430,7 @@ def bench_end_to_end(model, extractor, sizes: Sizes, device: torch.device, tmp) 
     runs = [("patchcore", None), ("lafite", cfg.scoring.ddim_steps), ("lafite", 1)]
     out = []
     for method, steps in runs:
-        m = model if steps is None else dc.replace(model, config=cfg.with_updates(scoring={"ddim_steps": steps}))
+        m = model if steps is None else model.with_hyperparameters(model.tau, model.k, steps)
         scorer = Scorer(m, device)
 
         def run(part):
