@@ -65,6 +65,7 @@ def test_extraction_resumes_and_equals_an_uninterrupted_run(tmp_path, small_demo
     script = tmp_path / "extract.py"
     script.write_text(textwrap.dedent(f"""
         import sys
+        import time
         from lafite_core.method.backbone import FeatureExtractor
         from lafite_core.config import cpu_profile
         from lafite_core.datapath.data import discover
@@ -72,13 +73,22 @@ def test_extraction_resumes_and_equals_an_uninterrupted_run(tmp_path, small_demo
         from lafite_core.store.storage import Store
         cfg = cpu_profile()
         samples = [s for c in discover({str(small_demo.root)!r}) for s in c.train + c.test]
-        extract_into(FeatureStore(Store(sys.argv[1]), cfg), samples, FeatureExtractor(cfg.backbone), batch_size=2)
+
+        class Paced(FeatureExtractor):
+            # the run to be killed pauses before each batch so the test's poll sees it part-way on a
+            # loaded machine; the kill still lands at an arbitrary point of the extraction
+            def forward(self, images):
+                time.sleep(0.75)
+                return super().forward(images)
+
+        extractor = (Paced if sys.argv[2:] == ["paced"] else FeatureExtractor)(cfg.backbone)
+        extract_into(FeatureStore(Store(sys.argv[1]), cfg), samples, extractor, batch_size=2)
     """))
     from lafite_core.store.feature_store import FeatureStore
 
     cfg = cpu_profile()
     interrupted = FeatureStore(Store(str(tmp_path / "a")), cfg)
-    _kill_when([sys.executable, str(script), str(tmp_path / "a")],
+    _kill_when([sys.executable, str(script), str(tmp_path / "a"), "paced"],
                lambda: len(interrupted.entries("demo", "bracket")) >= 4, 120, tmp_path / "kill.log")
     before = len(interrupted.entries("demo", "bracket"))
     assert 4 <= before < 12
