@@ -255,9 +255,11 @@ class Scorer:
                 rows = slice(s * per_image, (s + sc.batch_size) * per_image)
                 part = Neighbours(found.distances[rows], found.indices[rows])
             if method == "patchcore" and cfg.baseline.recipe == "patchcore":
-                out = patchcore_maps(raw[s : s + sc.batch_size].float(), self.model.baseline_bank, self.baseline_knn,
-                                     cfg.baseline, self.model.channels, self.model.grids, cfg.data.image_size,
-                                     sc.smoothing_sigma)
+                # on the scorer's device, as LafitE's view is: the view and the map run there, the search
+                # wherever the baseline's index lives
+                out = patchcore_maps(raw[s : s + sc.batch_size].to(self.device, torch.float32),
+                                     self.model.baseline_bank, self.baseline_knn, cfg.baseline, self.model.channels,
+                                     self.model.grids, cfg.data.image_size, sc.smoothing_sigma)
             else:
                 x0 = self.normalize(raw[s : s + sc.batch_size])
                 err = self.errors(x0, method, seeds[s : s + sc.batch_size], tau, k, part, steps)

@@ -74,7 +74,7 @@ def patchcore_maps(raw: torch.Tensor, bank: np.ndarray, knn: KNN, baseline: Base
     q = patches(x)
     found = knn.search(q, 1)
     nearest_sq = found.distances[:, 0].reshape(bsz, h * w)
-    errors = torch.from_numpy(np.sqrt(np.clip(nearest_sq, 0, None))).view(bsz, h, w)
+    errors = torch.from_numpy(np.sqrt(np.clip(nearest_sq, 0, None))).view(bsz, h, w).to(x.device)
     maps = to_anomaly_maps(errors, image_size, sigma, 1).maps
     scores = reweighted_scores(q.reshape(bsz, h * w, d), nearest_sq, found.indices[:, 0].reshape(bsz, h * w),
                                bank, knn, baseline.reweight_neighbours)
