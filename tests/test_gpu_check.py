@@ -32,3 +32,34 @@ def test_gpu_check_cpu_smoke_runs_every_stage(tmp_path):
     assert all(r["images_per_s"] > 0 and r["images"] == 3 for r in e2e)
     text = out.with_suffix(".md").read_text()
     assert "CPU SMOKE RUN" in text and "LafitE vs PatchCore end to end" in text
+
+
+def _fake_gpu_env(tmp_path) -> dict:
+    """PATH with an nvidia-smi that lists one GPU, so bench/gpu.sh gets past its GPU check."""
+    import os
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    smi = bin_dir / "nvidia-smi"
+    smi.write_text("#!/bin/sh\necho 'GPU 0: fake'\n")
+    smi.chmod(0o755)
+    return {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+
+
+def test_gpu_sh_runs_the_check_with_the_python_it_is_given(tmp_path):
+    env = {**_fake_gpu_env(tmp_path), "LAFITE_PYTHON": sys.executable}
+    done = subprocess.run(["bash", "bench/gpu.sh", "--help"], cwd=PROJECT, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert f"using {sys.executable} (torch" in done.stdout and "--cpu-smoke" in done.stdout
+
+
+def test_gpu_sh_refuses_a_python_without_the_dependencies(tmp_path):
+    bare = tmp_path / "bare"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(bare)], check=True)
+    env = {**_fake_gpu_env(tmp_path), "LAFITE_PYTHON": str(bare / "bin" / "python")}
+    done = subprocess.run(["bash", "bench/gpu.sh", "--help"], cwd=PROJECT, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 3
+    assert "cannot import the project's dependencies" in done.stderr  # and no fallback to another Python
+    assert "using" not in done.stdout
