@@ -13,7 +13,7 @@ keep rate, with no U-Net and no search. It ranks feature views for the ablation
     .venv/bin/python bench/feature_probe.py --rows "editing strides 8-32, native 3x3"
 
 One category, its own bank (not the unified model), seed 0; pixel AUROC on the 224 px masks.
-Writes ``bench/results/feature_probe_<category>_<size>.md``.
+Writes ``bench/results/feature_probe_<category>_<size>.md`` (``--out`` for another path: a run overwrites it).
 """
 
 from __future__ import annotations
@@ -43,8 +43,13 @@ ROWS: dict[str, dict] = {
     "patchcore strides 8-16, 3x3 stored cells": dict(kind="patchcore", strides=(8, 16), at="stored", keep=0.01),
     "patchcore strides 8-16, native 3x3": dict(kind="patchcore", strides=(8, 16), at="native", keep=0.01),
     "patchcore strides 8-32, native 3x3": dict(kind="patchcore", strides=(8, 16, 32), at="native", keep=0.01),
+    "patchcore strides 8-16, native 5x5": dict(kind="patchcore", strides=(8, 16), at="native", agg=5, keep=0.01),
     "editing strides 4-16, no averaging": dict(kind="editing", strides=(4, 8, 16), agg=1, keep=0.1),
     "editing strides 8-16, native 3x3": dict(kind="editing", strides=(8, 16), at="native", keep=0.1),
+    "editing strides 8-16, native 5x5": dict(kind="editing", strides=(8, 16), at="native", agg=5, keep=0.1),
+    "editing strides 8-16, native 7x7": dict(kind="editing", strides=(8, 16), at="native", agg=7, keep=0.1),
+    "editing strides 8-16, native 3x3 + 7x7": dict(kind="editing", strides=(8, 16), at="native", agg=(3, 7),
+                                                   keep=0.1),
     "editing strides 8-32, native 3x3": dict(kind="editing", strides=(8, 16, 32), at="native", keep=0.1),
     "editing strides 8-32, 3x3 stored cells": dict(kind="editing", strides=(8, 16, 32), at="stored", keep=0.1),
     # levels weighted equally (PatchCore's embedding: every level pooled to the same dimension, so each
@@ -132,9 +137,12 @@ def native_levels(category: str, size: int, cache: Path, backbone: str = "tf_eff
     return out
 
 
-def view(data: dict, split: str, strides: tuple[int, ...], agg: int, at: str) -> torch.Tensor:
+def view(data: dict, split: str, strides: tuple[int, ...], agg: int | tuple[int, ...], at: str) -> torch.Tensor:
     """[N, D, 32, 32]: the levels resized to the stored grid, each averaged over agg x agg cells of
-    its native grid (``at="native"``, averaged before the resize) or of the stored one."""
+    its native grid (``at="native"``, averaged before the resize) or of the stored one. Several
+    ``agg`` sizes: the views of each, concatenated along the channels (D times their number)."""
+    if isinstance(agg, tuple):
+        return torch.cat([view(data, split, strides, a, at) for a in agg], 1)
     out = []
     for s in strides:
         x = torch.from_numpy(data[f"{split}_s{s}"]).float()
@@ -156,7 +164,7 @@ def level_scale(data: dict, strides: tuple[int, ...], target: float) -> torch.Te
     return torch.cat([torch.full((c,), (target / (len(chans) * c)) ** 0.5) for c in chans]).view(1, -1, 1, 1)
 
 
-def run_row(data: dict, size: int, kind: str, strides: tuple[int, ...], keep: float, agg: int = 3,
+def run_row(data: dict, size: int, kind: str, strides: tuple[int, ...], keep: float, agg: int | tuple[int, ...] = 3,
             at: str = "native", ks: tuple[int, ...] = (1, 3, 5), score_variants: bool = False, equal: bool = False
             ) -> dict[str, tuple[float, float]]:
     train, test = view(data, "train", strides, agg, at), view(data, "test", strides, agg, at)
@@ -217,6 +225,8 @@ def main(argv: list[str] | None = None) -> None:
                    help="also the detection AUROC of other image scores from the same maps (max, 8/16/32-pooled max, top-1%% mean)")
     p.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS), metavar="ROW")
     p.add_argument("--cache", default=str(Path(__file__).parent / "results" / ".probe_cache"))
+    p.add_argument("--out", default=None, help="output .md path (default bench/results/feature_probe_<category>_"
+                   "<size>[_<backbone>][_<resize>].md, which a run overwrites)")
     args = p.parse_args(argv)
     torch.set_num_threads(2)
     data = native_levels(args.category, args.size, Path(args.cache), args.backbone, args.resize)
@@ -234,11 +244,10 @@ def main(argv: list[str] | None = None) -> None:
         cells = "; ".join(f"{key} {100 * a:.1f}" + ("" if b != b else f" / {100 * b:.1f}") for key, (a, b) in res.items())
         lines.append(f"| {name} | {ROWS[name]['keep']:.0%} | {cells} | {time.perf_counter() - start:.0f} |")
         print(lines[-1], flush=True)
-    write_text(Path(__file__).parent / "results" / (f"feature_probe_{args.category}_{args.size}"
-                                                    + ("" if short == "lite0" else f"_{short}")
-                                                    + ("" if args.resize == "square" else f"_{args.resize}")
-                                                    + ".md"),
-               "\n".join(lines) + "\n")
+    default = Path(__file__).parent / "results" / (f"feature_probe_{args.category}_{args.size}"
+                                                   + ("" if short == "lite0" else f"_{short}")
+                                                   + ("" if args.resize == "square" else f"_{args.resize}") + ".md")
+    write_text(Path(args.out) if args.out else default, "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":
