@@ -20,7 +20,11 @@ computes every test image's map once with four scorers and, per category and sco
 The scorers: LafitE as ``lafite score`` gives it (the model's tau, K, DDIM steps and noise seeds);
 its editing bound (the error a perfect reconstruction of the edited features would leave: eq. 10's
 K-mix against the input); the nearest bank member in LafitE's view (the K = 1 bound); PatchCore with
-the model's baseline recipe. All four share the model's map blur and image-score window.
+the model's baseline recipe. All four share the model's map blur. The per-type ``det`` column uses each
+scorer's own image score: the model's window for the first three, and for PatchCore's own recipe its
+reweighted max (the window table scores every scorer's maps the same way). Defect images whose mask
+is empty at the model's size (a defect smaller than a pixel there) count in every column but the
+distance bands, which need a defect pixel to measure from.
 
     .venv/bin/python bench/defect_probe.py --store /tmp/ws/scratch --categories magnetic_tile
 
@@ -43,8 +47,9 @@ sys.path.insert(0, str(HERE.parent))
 
 from lafite_core.method.metrics import auroc  # noqa: E402
 
-BANDS: tuple[tuple[str, float, float], ...] = (("1-8", 0.5, 8.0), ("9-24", 8.0, 24.0), ("25-48", 24.0, 48.0),
-                                               ("49+", 48.0, float("inf")))
+# (label, low, high]: Euclidean distances in pixels of the model's maps
+BANDS: tuple[tuple[str, float, float], ...] = (("<= 8", 0.5, 8.0), ("8-24", 8.0, 24.0), ("24-48", 24.0, 48.0),
+                                               ("> 48", 48.0, float("inf")))
 
 
 def split_auroc(pos: np.ndarray, neg: np.ndarray) -> float | None:
@@ -201,7 +206,8 @@ def main(argv=None) -> None:
              "- in %: det = detection AUROC (the type's images against the good ones); loc = localisation AUROC "
              "over the type's images and the good ones; in vs out = its defect pixels against the same images' "
              "normal pixels; out vs good = those normal pixels against good images' pixels (50: alike); "
-             "share = of the category's defect pixels; area = mean mask area", ""]
+             "share = of the category's defect pixels; area = mean mask area; det is each scorer's own image "
+             "score (PatchCore's recipe: its reweighted max)", ""]
     for t in load_test_sets(categories, cfg, FeatureExtractor(cfg.backbone)):
         known = np.array([s.mask is not None for s in t.loaded])
         types = np.array([s.sample.defect_type for s in t.loaded])
@@ -262,7 +268,7 @@ def main(argv=None) -> None:
                 lines.append(f"| {name} | {w} | " + " | ".join(cells) + " |")
         lines.append("")
     lines.append(f"- {time.perf_counter() - started:.0f} s in all")
-    stem = out_stem(args.out, "defect_probe", False)
+    stem = out_stem(args.out.removesuffix(".md") if args.out else None, "defect_probe", False)
     write_text(stem.parent / (stem.name + ".md"), "\n".join(lines) + "\n")
     print("\n".join(lines))
     print(f"wrote {stem}.md")

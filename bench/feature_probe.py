@@ -167,6 +167,8 @@ def level_scale(data: dict, strides: tuple[int, ...], target: float) -> torch.Te
 def run_row(data: dict, size: int, kind: str, strides: tuple[int, ...], keep: float, agg: int | tuple[int, ...] = 3,
             at: str = "native", ks: tuple[int, ...] = (1, 3, 5), score_variants: bool = False, equal: bool = False
             ) -> dict[str, tuple[float, float]]:
+    if equal and isinstance(agg, tuple):
+        raise ValueError("equal level weights are defined for one aggregation size, not a concatenation of several")
     train, test = view(data, "train", strides, agg, at), view(data, "test", strides, agg, at)
     d = train.shape[1]
     if kind == "editing":  # LafitE standardises its features per channel

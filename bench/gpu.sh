@@ -13,8 +13,11 @@
 # package index, and says so when that fails. The check runs under a 9-minute limit. Extra arguments
 # go to gpu_check.py, e.g. `bash bench/gpu.sh --checkpoint /path/efficientnet_b4.pth` for real B4
 # weights without the hub.
-# Exits with status 2 and a message when no NVIDIA GPU is present.
+# Exits with status 2 and a message when no NVIDIA GPU is present, with 3 when no Python can run it.
 set -euo pipefail
+if [ -n "${LAFITE_PYTHON:-}" ] && [[ "$LAFITE_PYTHON" == */* ]]; then
+    LAFITE_PYTHON="$(cd "$(dirname "$LAFITE_PYTHON")" && pwd)/$(basename "$LAFITE_PYTHON")"  # before the cd
+fi
 cd "$(dirname "$0")/.."
 
 if ! command -v nvidia-smi >/dev/null 2>&1 || ! nvidia-smi -L >/dev/null 2>&1; then
@@ -23,8 +26,8 @@ if ! command -v nvidia-smi >/dev/null 2>&1 || ! nvidia-smi -L >/dev/null 2>&1; t
 fi
 nvidia-smi -L
 
-# the imports the check needs, run from the project root as gpu_check.py runs
-probe="import torch, timm, lafite_core.method.model, lafite_core.method.backbone"
+# the imports the check needs, from the project's source tree as gpu_check.py puts it on sys.path
+probe="import sys; sys.path.insert(0, '.'); import torch, timm, faiss, lafite_core.method.model, lafite_core.method.backbone"
 py=""
 candidates=(.venv/bin/python python3)
 if [ -n "${LAFITE_PYTHON:-}" ]; then
@@ -38,10 +41,12 @@ for cand in "${candidates[@]}"; do
 done
 if [ -z "$py" ]; then
     if [ -n "${LAFITE_PYTHON:-}" ]; then
-        echo "bench/gpu.sh: LAFITE_PYTHON=$LAFITE_PYTHON cannot import the project's dependencies ($probe)" >&2
+        echo "bench/gpu.sh: LAFITE_PYTHON=$LAFITE_PYTHON cannot import the project's dependencies:" >&2
+        "$LAFITE_PYTHON" -c "$probe" 2>&1 | tail -n 3 >&2 || true
         exit 3
     fi
-    echo "bench/gpu.sh: no Python here imports torch and timm; creating .venv with 'pip install -e .' (needs a package index)"
+    echo "bench/gpu.sh: no Python here imports the project's dependencies (torch, timm, faiss, ...);" \
+         "creating .venv with 'pip install -e .' (needs a package index)"
     python3 -m venv .venv
     if ! .venv/bin/pip install -e .; then
         echo "bench/gpu.sh: 'pip install -e .' failed. On a machine without a package index, install torch," \

@@ -76,7 +76,8 @@ def test_extraction_resumes_and_equals_an_uninterrupted_run(tmp_path, small_demo
 
         class Paced(FeatureExtractor):
             # the run to be killed pauses before each batch so the test's poll sees it part-way on a
-            # loaded machine; the kill still lands at an arbitrary point of the extraction
+            # loaded machine; the kill then mostly lands in a pause, with the previous batch's write
+            # possibly still in flight on the writer thread
             def forward(self, images):
                 time.sleep(0.75)
                 return super().forward(images)

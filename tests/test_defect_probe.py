@@ -1,6 +1,7 @@
 """bench/defect_probe.py: the per-defect-type figures on hand-made maps, and the script end to end on a
 trained model (so that it cannot break unnoticed when the library changes)."""
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -71,8 +72,10 @@ def test_minus_image_median_takes_out_a_whole_image_shift():
     shifted = minus_image_median(maps)
     assert np.allclose(np.median(shifted.reshape(6, -1), axis=1), 0)
     assert np.allclose(shifted[3] - maps[3], shifted[3, 0, 0] - maps[3, 0, 0])  # one offset an image
-    # 'wide''s normal half lands among the good images' pixels once its shift is gone
-    assert split_auroc(shifted[3:5][~masks[3:5]], shifted[:3]) < split_auroc(maps[3:5][~masks[3:5]], maps[:3]) == 1.0
+    # 'wide''s median lies between its two halves, so its normal half drops from above every good
+    # pixel to below every one: the shift goes, and with it part of its defect's contrast
+    assert split_auroc(maps[3:5][~masks[3:5]], maps[:3]) == 1.0
+    assert split_auroc(shifted[3:5][~masks[3:5]], shifted[:3]) == 0.0
 
 
 def test_window_scores_from_the_max_pixel_to_the_map_mean():
@@ -103,8 +106,16 @@ def test_defect_probe_runs_on_a_trained_model(tmp_path, trained_store, small_dem
     scorers = ("LafitE", "PatchCore", "editing bound", "nearest member")
     for cat in small_demo.categories:
         assert f"## demo/{cat}:" in text
-    table_rows = [line for line in text.splitlines() if line.startswith("| ") and " | good " not in line]
+    # per category: one per-type row per (scorer, defect type), one summary row and one distance-band
+    # row per scorer, and one window-table row per window for LafitE and PatchCore
+    types = {cat: sorted({p.name for p in (small_demo.path / cat / "test").iterdir()} - {"good"})
+             for cat in small_demo.categories}
+    lines = text.splitlines()
+    side = int(re.search(r"; maps (\d+) x \1", text).group(1))
     for scorer in scorers:
-        # one row per (category, defect type) in the per-type table, one in the summary and one halo row
-        # per category
-        assert sum(line.startswith(f"| {scorer}") for line in table_rows) >= 3 * len(small_demo.categories)
+        rows = [line for line in lines if line.startswith(f"| {scorer}")]
+        windows = 0
+        if scorer in ("LafitE", "PatchCore"):
+            windows = len({min(w, side) for w in (1, 16, 32, 48, 64)} | {side})
+        expected = sum(len(t) + 2 + windows for t in types.values())
+        assert len(rows) == expected, (scorer, len(rows), expected)

@@ -46,12 +46,46 @@ def _fake_gpu_env(tmp_path) -> dict:
     return {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
 
 
-def test_gpu_sh_runs_the_check_with_the_python_it_is_given(tmp_path):
-    env = {**_fake_gpu_env(tmp_path), "LAFITE_PYTHON": sys.executable}
-    done = subprocess.run(["bash", "bench/gpu.sh", "--help"], cwd=PROJECT, env=env, capture_output=True, text=True,
-                          timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert f"using {sys.executable} (torch" in done.stdout and "--cpu-smoke" in done.stdout
+# A Python that has torch and the rest but not lafite itself (a GPU machine's own interpreter): this
+# one drops the editable install's import hook, then runs ``-c CODE`` or a script as python would.
+_NOT_INSTALLED = """
+import runpy, sys
+sys.meta_path[:] = [f for f in sys.meta_path if "__editable__" not in getattr(f, "__module__", "")
+                    and "__editable__" not in type(f).__module__]
+sys.path_hooks[:] = [h for h in sys.path_hooks if "__editable__" not in getattr(h, "__module__", "")]
+sys.path_importer_cache.clear()
+args = sys.argv[1:]
+if args[0] == "-c":
+    sys.argv = ["-c", *args[2:]]
+    sys.path[0] = ""
+    exec(compile(args[1], "<string>", "exec"), {"__name__": "__main__"})
+else:
+    sys.argv = args
+    sys.path[0] = __import__("os").path.dirname(args[0])
+    runpy.run_path(args[0], run_name="__main__")
+"""
+
+
+def _python_without_lafite(tmp_path) -> str:
+    wrap = tmp_path / "not_installed.py"
+    wrap.write_text(_NOT_INSTALLED)
+    exe = tmp_path / "python-no-lafite"
+    exe.write_text(f'#!/bin/sh\nexec {sys.executable} {wrap} "$@"\n')
+    exe.chmod(0o755)
+    # the wrapper is what the test claims: lafite is not importable through it from elsewhere
+    gone = subprocess.run([str(exe), "-c", "import lafite_core"], cwd=tmp_path, capture_output=True, text=True)
+    assert gone.returncode != 0 and "No module named 'lafite_core'" in gone.stderr
+    return str(exe)
+
+
+def test_gpu_sh_runs_the_check_with_a_python_that_has_torch_but_not_lafite(tmp_path):
+    env = {**_fake_gpu_env(tmp_path), "LAFITE_PYTHON": _python_without_lafite(tmp_path)}
+    out = tmp_path / "smoke"
+    done = subprocess.run(["bash", "bench/gpu.sh", "--cpu-smoke", "--out", str(out)], cwd=PROJECT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    assert "using " in done.stdout and "python-no-lafite (torch" in done.stdout
+    assert json.loads(out.with_suffix(".json").read_text())["cpu_smoke"]
 
 
 def test_gpu_sh_refuses_a_python_without_the_dependencies(tmp_path):
