@@ -3,6 +3,7 @@ outputs equal those of an uninterrupted run, with no duplicate and no missing ro
 
 import io
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -113,12 +114,17 @@ def _model(store: str) -> tuple[LafiteModel, dict]:
 
 
 def test_training_resumes_from_its_checkpoint_and_equals_an_uninterrupted_run(
-    tmp_path, small_demo, prefect_api_env, trained_store, tiny_overrides
+    tmp_path, small_demo, prefect_api_env, tiny_overrides
 ):
-    # trained_store holds the uninterrupted run: the same data, config and seed, never killed
-    args = [LAFITE, "train", "--data-root", str(small_demo.root), "--no-evaluate", *cli_overrides(tiny_overrides)]
-    a = str(tmp_path / "a")
-    epochs = tiny_overrides["diffusion"]["epochs"]
+    # The tiny config's 8 epochs pass in under a second, so a kill seen at epoch 2 used to land after
+    # the last checkpoint (the rerun "resumed" at 8/8). Here: 60 epochs of batches of 2, several seconds
+    # of training, so the kill lands mid-training even though the Ray worker that trains outlives the
+    # killed driver by a dozen epochs (it resumed at 14/30 in a trial run); the uninterrupted run uses
+    # the same config.
+    epochs = 60
+    overrides = {**tiny_overrides, "diffusion": {**tiny_overrides["diffusion"], "epochs": epochs, "batch_size": 2}}
+    args = [LAFITE, "train", "--data-root", str(small_demo.root), "--no-evaluate", *cli_overrides(overrides)]
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
 
     def checkpointed() -> bool:
         ckpts = list(Path(a).glob("checkpoints/*/train_state.pt"))
@@ -131,8 +137,11 @@ def test_training_resumes_from_its_checkpoint_and_equals_an_uninterrupted_run(
     _kill_when([*args, "--store", a], checkpointed, 300, tmp_path / "kill.log", env)
     assert not Store(a).list_versions()  # nothing was published by the killed run
     log = _run([*args, "--store", a], tmp_path / "resume.log", env)
-    assert "resuming training from checkpoint" in log
-    (ma, fa), (mb, fb) = _model(a), _model(trained_store)
+    resumed = re.search(r"resuming training from checkpoint \S+ at epoch (\d+)/(\d+)", log)
+    assert resumed, log[-3000:]
+    assert 2 <= int(resumed.group(1)) < int(resumed.group(2)) == epochs  # mid-training, not after it
+    _run([*args, "--store", b], tmp_path / "clean.log", env)
+    (ma, fa), (mb, fb) = _model(a), _model(b)
     assert ma.config == mb.config
     for (k, x), y in zip(ma.unet.state_dict().items(), mb.unet.state_dict().values()):
         torch.testing.assert_close(x, y, msg=k)
