@@ -46,7 +46,7 @@ from lafite_core.method.metrics import auroc, mean_std_over_seeds, summarize
 from lafite_core.method.model import Scorer
 from lafite_core.pipeline import fit
 from lafite_core.stages import CategoryScores, image_seed, load_all, measure
-from lafite_core.method.scoring import METHODS, AnomalyMaps, Method, box_mean
+from lafite_core.method.scoring import METHODS, AnomalyMaps, Method, window_max
 from lafite_core.method.search import first_stages_steps
 from lafite_core.store.storage import Store, content_hash
 from lafite_core.store.tables import metrics_table
@@ -253,7 +253,7 @@ def image_score_variants(tests: list[TestSet], cached: dict[str, list[AnomalyMap
             maps = o.maps.float()
             for pool in IMAGE_POOLS:
                 k = min(pool, maps.shape[-1])
-                scores = box_mean(maps, k).flatten(1).max(1).values
+                scores = window_max(maps, k)
                 out.setdefault((method, f"max of {k}x{k} mean" + (" (in use)" if pool == pool_in_use else "")),
                                {})[name] = auroc(ts.labels, scores.numpy())
             flat = maps.flatten(1)

@@ -104,10 +104,9 @@ def localisation_without(types: np.ndarray, maps: np.ndarray, masks: np.ndarray,
 def window_scores(maps: np.ndarray, window: int) -> np.ndarray:
     """Image scores: the max of each map averaged over window x window pixels (1: the max pixel; the
     map's side: its mean), as ``scoring.image_pool`` computes them."""
-    from lafite_core.method.scoring import box_mean
+    from lafite_core.method.scoring import window_max
 
-    t = torch.from_numpy(np.ascontiguousarray(maps))
-    return (box_mean(t, window) if window > 1 else t).flatten(1).max(1).values.numpy()
+    return window_max(torch.from_numpy(np.ascontiguousarray(maps)), window).numpy()
 
 
 def minus_image_median(maps: np.ndarray) -> np.ndarray:
@@ -145,11 +144,11 @@ def scorer_maps(model, scorer, features: torch.Tensor, seeds: list[int]) -> dict
 
     cfg = model.config
     sc = cfg.scoring
+    found = scorer.neighbours(features, max(model.k, 1))  # searched once, for LafitE and both bounds
     out = {}
     for name, method in (("LafitE", "lafite"), (f"PatchCore ({cfg.baseline.recipe} recipe)", "patchcore")):
-        am = scorer.score(features, method, seeds)
+        am = scorer.score(features, method, seeds, found=found if method == "lafite" else None)
         out[name] = (am.maps.numpy(), am.scores.numpy())
-    found = scorer.neighbours(features, max(model.k, 1))
     per_image = features.shape[-2] * features.shape[-1]
     for name, k in ((f"editing bound (K={model.k})", model.k), ("nearest member (LafitE's view)", 1)):
         maps, scores = [], []

@@ -46,7 +46,7 @@ def main(argv=None) -> None:
     from lafite_core.method.backbone import FeatureExtractor
     from lafite_core.method.metrics import aupro, auroc
     from lafite_core.method.model import Scorer
-    from lafite_core.method.scoring import box_mean, gaussian_blur
+    from lafite_core.method.scoring import gaussian_blur, window_max
     from lafite_core.stages import image_seed
 
     started = time.perf_counter()
@@ -86,7 +86,7 @@ def main(argv=None) -> None:
                 arr = blurred.numpy()[known]
                 loc = auroc(masks, arr)
                 pro = aupro(masks, arr)
-                det = {pool: auroc(labels, box_mean(blurred, min(pool, size)).flatten(1).max(1).values.numpy())
+                det = {pool: auroc(labels, window_max(blurred, pool).numpy())
                        for pool in args.pools}
                 per[key] = (loc, pro, det)
             rows.append((method, sigma, per))

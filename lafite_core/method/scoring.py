@@ -99,8 +99,13 @@ def to_anomaly_maps(errors: torch.Tensor, image_size: int, sigma: float, pool: i
     rows = map_operator(errors.shape[-2], image_size, float(sigma)).to(errors.device, errors.dtype)
     cols = map_operator(errors.shape[-1], image_size, float(sigma)).to(errors.device, errors.dtype)
     maps = rows @ errors @ cols.T
-    pooled = box_mean(maps, min(pool, image_size))
-    return AnomalyMaps(maps, pooled.flatten(1).max(1).values)
+    return AnomalyMaps(maps, window_max(maps, pool))
+
+
+def window_max(maps: torch.Tensor, window: int) -> torch.Tensor:
+    """Image scores [B] of maps [B, H, W]: the maximum of the map averaged over ``window`` x ``window``
+    pixels (1: the largest pixel; a window wider than the map is the map's mean)."""
+    return box_mean(maps, min(window, *maps.shape[-2:])).flatten(1).max(1).values
 
 
 def reconstruction_error(x0: torch.Tensor, x_rec: torch.Tensor) -> torch.Tensor:
