@@ -21,6 +21,9 @@ Sections (``--only`` picks some):
 - ``ray``: batch scoring through ``tasks.scoring.score_shard_body`` as Ray tasks, 1 vs 2 concurrent
   workers over the same shards (torch and faiss at 1 thread per worker). Target: speedup >= 1.6.
 - ``training``: cpu-profile U-Net training time per epoch per 1,000 images on random features.
+- ``appends``: the feature store's append (a batch of 32 images' entries and tiny feature rows, so
+  that the bookkeeping is what is timed) as a category already holds 0 to 16,384 images, against the
+  append into an empty category. Target: flat (the bookkeeping does not grow with the category).
 - ``endtoend``: ``lafite score`` (the CLI, in a child process: Prefect, Ray, read, decode, extract,
   score, Parquet) with the same model version, ``--method patchcore`` against ``--method lafite`` at
   the model's searched DDIM steps, each on a small and a large dump so that the fixed cost of a
@@ -54,7 +57,8 @@ import torch
 
 from common import SHARED_DATA, Ticker, camera_jpegs, machine, out_stem, write_json, write_text
 
-SECTIONS = ("extraction", "knn", "coreset", "scoring", "compile", "search", "ray", "training", "endtoend")
+SECTIONS = ("extraction", "knn", "coreset", "scoring", "compile", "search", "ray", "training", "appends",
+            "endtoend")
 CHILD_FLAG = "--coreset-child"
 
 
@@ -77,11 +81,13 @@ class Sizes:
     jpeg_dump_images: int
     dump_images: int  # end to end
     compile_images: int  # torch.compile vs eager: images scored from features, compile time included
+    append_entries: tuple[int, ...]  # images a category holds when its append is timed
 
 
 FULL = Sizes(None, 2, (5_000, 50_000), 32_768, (1, 16), (100_000, 400_000, 1_600_000, 3_700_000), None, 2, 97,
-             (1, 5, 10, 25), 96, 4, 256, 3, 128, 600, 1_000)
-QUICK = Sizes(24, 1, (5_000, 50_000), 2_048, (1, 2), (20_000, 40_000), 6, 1, 4, (1, 5), 8, 4, 16, 2, 8, 24, 32)
+             (1, 5, 10, 25), 96, 4, 256, 3, 128, 600, 1_000, (0, 1_024, 4_096, 16_384))
+QUICK = Sizes(24, 1, (5_000, 50_000), 2_048, (1, 2), (20_000, 40_000), 6, 1, 4, (1, 5), 8, 4, 16, 2, 8, 24, 32,
+              (0, 256))
 
 PATCHES_PER_IMAGE = 1024
 DIM = 192
@@ -821,6 +827,48 @@ def bench_training(sizes: Sizes) -> list[TrainingResult]:
     return out
 
 
+# --------------------------------------------------------------------------- feature store appends
+
+
+@dataclass
+class AppendResult:
+    entries: int  # images the category held before the timed appends
+    ms_per_image: float
+    ratio_to_empty: float
+
+
+def bench_appends(sizes: Sizes, tmp: Path, batch: int = 32, reps: int = 3) -> list[AppendResult]:
+    """``FeatureStore.append`` of ``batch`` images as the category grows through ``sizes.append_entries``.
+
+    The rows are tiny ([2, 2, 2]) so that the bookkeeping (entries, commit) is what is timed; the
+    cost of writing real rows is in the extraction pair. Median of ``reps`` appends at each size."""
+    from lafite_core.config import cpu_profile
+    from lafite_core.store.feature_store import FeatureEntry, FeatureStore
+    from lafite_core.store.storage import Store
+
+    fs = FeatureStore(Store(tempfile.mkdtemp(dir=tmp, prefix="appends-")), cpu_profile(), {"name": "bench"})
+    rows = np.zeros((batch, 2, 2, 2), np.float32)
+    n, out = 0, []
+
+    def append() -> float:
+        nonlocal n
+        new = [FeatureEntry(f"img-{i:07d}", f"s3://bucket/line-3/2026-11-30/camera-2/img-{i:07d}.png", f"{i:064x}")
+               for i in range(n, n + batch)]
+        t0 = time.perf_counter()
+        fs.append("bench", "category", new, rows)
+        n += batch
+        return time.perf_counter() - t0
+
+    for mark in sizes.append_entries:
+        while n < mark:
+            append()
+        ms = 1e3 * statistics.median(append() for _ in range(reps)) / batch
+        empty = out[0].ms_per_image if out else ms
+        out.append(AppendResult(mark, ms, ms / empty))
+        log(f"  append at {mark} entries: {ms:.2f} ms an image ({ms / empty:.2f}x empty)")
+    return out
+
+
 # --------------------------------------------------------------------------- report
 
 
@@ -971,6 +1019,15 @@ def markdown(res: dict, quick: bool) -> str:
         out += ["", f"bf16 speedup {speedup:.2f}x (target >= 1.8x on a CPU with AMX: "
                 f"{'meets' if speedup >= 1.8 else 'MISSES'}; `compute.precision=auto` picks bf16 only where the "
                 f"CPU reports bf16 units).", ""]
+    if (ap := res.get("appends")):
+        worst = max(r["ratio_to_empty"] for r in ap)
+        out += ["## Feature store: appends as a category grows", "",
+                "`FeatureStore.append` of 32 images (entries and tiny feature rows: the bookkeeping is timed, "
+                "the cost of real rows is in the extraction pair), median of 3, as the category already holds "
+                "more images, against the append into an empty category.", "",
+                "| images in the category | ms an image | vs empty |", "|---|---|---|"]
+        out += [f"| {r['entries']:,} | {r['ms_per_image']:.2f} | {r['ratio_to_empty']:.2f} |" for r in ap]
+        out += ["", f"Largest ratio {worst:.2f} (target: flat, <= 1.5: {'meets' if worst <= 1.5 else 'MISSES'}).", ""]
     if (ee := res.get("endtoend")):
         by = {r["method"]: r for r in ee}
         ratio = by["lafite"]["marginal_images_per_s"] / by["patchcore"]["marginal_images_per_s"]
@@ -1069,6 +1126,9 @@ def main(argv=None) -> int:
         if "training" in args.only:
             log("training ...")
             res["training"] = [asdict(r) for r in bench_training(sizes)]
+        if "appends" in args.only:
+            log("appends ...")
+            res["appends"] = [asdict(r) for r in bench_appends(sizes, tmp)]
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     res["seconds"] = time.perf_counter() - started

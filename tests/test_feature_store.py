@@ -57,3 +57,61 @@ def test_uncommitted_rows_are_invisible_and_overwritten(tmp_path):
     assert [e.id for e in entries] == ["a", "b"] and feats[1].max() == 2 and entries[1].row == 1
     with pytest.raises(KeyError):
         fs.read("d", "c", ["zzz"])
+
+
+def _legacy_group(fs, rows):
+    """A group as written before the entries log: every entry in the ``image_ids`` attribute."""
+    g = fs._open("d", "c", "a")
+    arr = g.create_array("features", shape=(len(rows), 2, 2, 2), chunks=(1, 2, 2, 2), dtype="float32",
+                         compressors=None)
+    arr[:] = np.stack([np.full((2, 2, 2), v, np.float32) for _, v in rows])
+    g.attrs.update({"feature_shape": [2, 2, 2],
+                    "image_ids": [{"id": i, "url": f"u-{i}", "content_hash": f"h-{i}", "row": r}
+                                  for r, (i, _) in enumerate(rows)]})
+
+
+def test_a_group_written_before_the_log_is_read_and_moved_to_it(tmp_path):
+    fs = FeatureStore(Store(str(tmp_path)), cpu_profile(), {})
+    _legacy_group(fs, [("a", 1.0), ("b", 2.0)])
+    assert [(e.id, e.row) for e in fs.entries("d", "c").values()] == [("a", 0), ("b", 1)]
+    # "b" changed: extracted again, it is repointed to a new row; "c" is new
+    fs.append("d", "c", [FeatureEntry("b", "u-b", "h-b2"), FeatureEntry("c", "u-c", "h-c")],
+              np.stack([np.full((2, 2, 2), v, np.float32) for v in (5.0, 3.0)]))
+    g = fs._open("d", "c", "r")
+    assert "image_ids" not in g.attrs and g.attrs["rows"] == 4
+    entries = fs.entries("d", "c")
+    assert [(e.id, e.row, e.content_hash) for e in entries.values()] == [("a", 0, "h-a"), ("b", 2, "h-b2"),
+                                                                         ("c", 3, "h-c")]
+    feats, got = fs.read("d", "c", ["c", "b", "a"])
+    assert [e.id for e in got] == ["c", "b", "a"] and feats[:, 0, 0, 0].tolist() == [3.0, 5.0, 1.0]
+
+
+def test_the_committed_metadata_does_not_grow_with_the_category(tmp_path):
+    """An append rewrites the group's metadata and the log's last chunk only: the metadata's size is
+    the same after 3 and after 40 images (the attribute list it replaced grew by an entry an image)."""
+    fs = FeatureStore(Store(str(tmp_path)), cpu_profile(), {"name": "lite0"})
+    meta = tmp_path / "features" / fs.key / "d" / "c" / "zarr.json"
+    sizes = []
+    for b in range(20):
+        fs.append("d", "c", [FeatureEntry(f"img-{b}-{j}", f"/data/line/img-{b}-{j}.png", "0" * 64) for j in range(2)],
+                  np.full((2, 2, 2, 2), b, np.float32))
+        sizes.append(len(meta.read_bytes()))
+    assert max(sizes[1:]) - min(sizes[1:]) <= 4  # the two counters gain digits, nothing else changes
+    entries = fs.entries("d", "c")
+    assert len(entries) == 40 and entries["img-19-1"].row == 39
+    feats, _ = fs.read("d", "c", ["img-0-0", "img-19-1"])
+    assert feats[:, 0, 0, 0].tolist() == [0.0, 19.0]
+
+
+def test_log_lines_past_the_commit_are_invisible_and_overwritten(tmp_path):
+    fs = FeatureStore(Store(str(tmp_path)), cpu_profile(), {})
+    fs.append("d", "c", [FeatureEntry("a", "u", "h")], np.ones((1, 2, 2, 2), np.float32))
+    g = fs._open("d", "c", "a")
+    committed = g.attrs["entries_bytes"]
+    torn = b'{"id":"ghost","url":"x","content_hash":"y","row":1}\n{"id":"half'  # a crash mid-append
+    g["entries"].resize((committed + len(torn),))
+    g["entries"][committed:] = np.frombuffer(torn, np.uint8)
+    assert list(fs.entries("d", "c")) == ["a"]
+    fs.append("d", "c", [FeatureEntry("b", "u2", "h2")], np.full((1, 2, 2, 2), 2, np.float32))
+    assert [(e.id, e.row) for e in fs.entries("d", "c").values()] == [("a", 0), ("b", 1)]
+    assert fs._open("d", "c", "r")["entries"].shape == (fs._open("d", "c", "r").attrs["entries_bytes"],)

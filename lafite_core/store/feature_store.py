@@ -1,11 +1,16 @@
 """Aggregated features in Zarr v3: one group per dataset and category, one chunk per image.
 
 Group ``features/<feature_key>/<dataset>/<category>`` holds the array ``features`` [N, D, h, w]
-(float32, chunk (1, D, h, w)) and attributes ``config_hash``, ``feature_key``, ``backbone``,
-``feature_shape`` and ``image_ids`` (a list of {id, url, content_hash, row}).
+(float32, chunk (1, D, h, w)), the array ``entries`` (uint8: an append-only log of JSON lines
+{id, url, content_hash, row}, chunks of 1 MiB) and attributes ``config_hash``, ``feature_key``,
+``backbone``, ``feature_shape``, ``rows`` and ``entries_bytes`` (how many feature rows and log
+bytes are committed). A later line for the same id repoints it (a changed image extracted again).
 
-Appending writes the new rows first and the ``image_ids`` attribute last: rows that no entry points
-to (left by a crash between the two) are invisible and overwritten by the next append.
+Appending writes the new rows and log lines first and the two counters last: rows and lines past
+them (left by a crash between the two) are invisible and overwritten by the next append. An append
+costs the same however many images the category holds (the log is only appended to); groups written
+before the log kept every entry in an ``image_ids`` attribute rewritten on each append (cost growing
+with the category), and are moved to the log by their next append.
 """
 
 from __future__ import annotations
@@ -27,6 +32,8 @@ from lafite_core.store import layout
 from lafite_core.store.storage import Store
 
 ARRAY = "features"
+LOG = "entries"
+LOG_CHUNK = 1 << 20  # bytes: an append rewrites at most the log's last chunk or two
 
 
 def feature_key(cfg: PipelineConfig) -> str:
@@ -72,7 +79,7 @@ class FeatureStore:
             g = self._open(dataset, category, "r")
         except (FileNotFoundError, zarr.errors.GroupNotFoundError):
             return {}
-        return {e["id"]: FeatureEntry(**e) for e in g.attrs.get("image_ids", [])}
+        return _committed(g)
 
     def append(self, dataset: str, category: str, new: Sequence[FeatureEntry], features: np.ndarray) -> None:
         """Add rows for ``new`` ([B, D, h, w] features); an id already present is repointed.
@@ -97,22 +104,32 @@ class FeatureStore:
             if tuple(arr.shape[1:]) != shape:
                 raise ValueError(f"{self._url(dataset, category)} holds features of shape {arr.shape[1:]}, "
                                  f"new ones have {shape}")
-        current = [FeatureEntry(**e) for e in g.attrs.get("image_ids", [])]
-        start = max((e.row for e in current), default=-1) + 1
+        attrs = g.attrs.asdict()
+        lines = b""
+        if "image_ids" in attrs:  # written before the log: its entries become the log's first lines
+            legacy = [FeatureEntry(**e) for e in attrs.pop("image_ids")]
+            start, logged = max((e.row for e in legacy), default=-1) + 1, 0
+            lines = _lines(legacy)
+        else:
+            start, logged = int(attrs.get("rows", 0)), int(attrs.get("entries_bytes", 0))
         arr.resize((start + len(new), *shape))
-        arr[start : start + len(new)] = features.astype(np.float32)
-        by_id = {e.id: e for e in current}
-        for i, e in enumerate(new):
-            by_id[e.id] = FeatureEntry(e.id, e.url, e.content_hash, start + i)
-        g.attrs.update(
+        arr[start : start + len(new)] = np.asarray(features, dtype=np.float32)
+        lines += _lines([FeatureEntry(e.id, e.url, e.content_hash, start + i) for i, e in enumerate(new)])
+        log_arr = g[LOG] if LOG in g else g.create_array(LOG, shape=(0,), chunks=(LOG_CHUNK,), dtype="uint8",
+                                                         compressors=None)
+        log_arr.resize((logged + len(lines),))
+        log_arr[logged:] = np.frombuffer(lines, dtype=np.uint8)
+        attrs.update(
             {
                 "config_hash": config_hash(self.cfg),
                 "feature_key": self.key,
                 "backbone": self.backbone,
                 "feature_shape": list(shape),
-                "image_ids": [vars(e) for e in by_id.values()],
+                "rows": start + len(new),
+                "entries_bytes": logged + len(lines),
             }
         )
+        g.attrs.put(attrs)  # the commit: one write of the group's metadata
 
     def read(self, dataset: str, category: str, ids: Sequence[str] | None = None) -> tuple[np.ndarray, list[FeatureEntry]]:
         """Features [N, D, h, w] for ``ids`` (all committed entries when None), in the given order."""
@@ -120,7 +137,7 @@ class FeatureStore:
 
     def _read(self, dataset: str, category: str, ids: Sequence[str] | None) -> tuple[np.ndarray, list[FeatureEntry]]:
         g = self._open(dataset, category, "r")
-        by_id = {e["id"]: FeatureEntry(**e) for e in g.attrs.get("image_ids", [])}
+        by_id = _committed(g)
         if ids is None:
             chosen = sorted(by_id.values(), key=lambda e: e.row)
         else:
@@ -134,6 +151,27 @@ class FeatureStore:
             return np.zeros((0, *arr.shape[1:]), np.float32), []
         data = arr.get_orthogonal_selection((rows,)) if rows.size < arr.shape[0] else arr[:][rows]
         return np.asarray(data, dtype=np.float32), chosen
+
+
+def _lines(entries: Sequence[FeatureEntry]) -> bytes:
+    return b"".join(json.dumps(vars(e), separators=(",", ":")).encode() + b"\n" for e in entries)
+
+
+def _committed(g: zarr.Group) -> dict[str, FeatureEntry]:
+    """The group's committed entries by id: the log up to ``entries_bytes`` (a later line for an id
+    repoints it), or the ``image_ids`` attribute of a group written before the log."""
+    attrs = g.attrs.asdict()
+    if "image_ids" in attrs:
+        return {e["id"]: FeatureEntry(**e) for e in attrs["image_ids"]}
+    n = int(attrs.get("entries_bytes", 0))
+    if not n:
+        return {}
+    data = g[LOG][:n].tobytes()
+    out: dict[str, FeatureEntry] = {}
+    for line in data.splitlines():
+        e = FeatureEntry(**json.loads(line))
+        out[e.id] = e  # a repointed id keeps its place among the ids, as the attribute list had it
+    return out
 
 
 class MemoryFeatures:

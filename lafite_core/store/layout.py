@@ -3,8 +3,9 @@
 Each function returns path components under the store root (``Store`` joins and checks them)::
 
     features/<feature_key>/<dataset>/<category>/      Zarr v3 group, array "features" [N, D, h, w]
-                                                      chunked per image; attrs: config_hash,
-                                                      feature_key, backbone, feature_shape, image_ids
+                                                      chunked per image, array "entries" (a log of
+                                                      JSON lines); attrs: config_hash, feature_key,
+                                                      backbone, feature_shape, rows, entries_bytes
     checkpoints/<training_key>/train_state.pt         resumable U-Net training state
     runs/<run_id>/staged/<file>                       a training run's parts before publication
     models/<version>/<file>                           unet.pt, stats.npz, bank.npy, model.json,
