@@ -5,7 +5,8 @@ own overrides from :data:`VARIANTS`. For each variant, one unified model is fitt
 images of all categories (default ``magnetic_tile`` and ``metal_plate``; pseudo-validation search
 included) with ``accuracy.run_seed``, and every category's test set is scored with LafitE, LafitE
 without feature editing and the PatchCore-style baseline. The test images are read and their
-features extracted once for all variants, so every variant must share the backbone and image size.
+features extracted once for all variants with the same backbone settings and image size (the
+feature key), and once more for each other key (``view: strides 8-32`` stores the stride-32 level).
 
     .venv/bin/python bench/ablation.py                                    # every variant, seed 0
     .venv/bin/python bench/ablation.py --variants "baseline (cpu profile)" "coreset 1%" --max-steps 400
@@ -42,7 +43,7 @@ VARIANTS: dict[str, Overrides] = {
     "baseline (cpu profile)": {},
     "view: 3x3 stored cells": {"features": {"aggregate_at": "stored"}},
     "view: no averaging": {"features": {"local_aggregation": 1}},
-    "view: strides 8-32": {"features": {"levels": None}},
+    "view: strides 8-32": {"backbone": {"out_indices": (2, 3, 4)}, "features": {"levels": None}},
     "U-Net base 128": {"diffusion": {"base_channels": 128}},
     "coreset 3%": {"coreset": {"keep_rate": 0.03}},
 }
@@ -197,22 +198,29 @@ def main(argv: list[str] | None = None) -> int:
     configs = {n: profile.with_updates(**merge(args.common, VARIANTS[n]), seed=args.seed) for n in args.variants}
     keys = {n: feature_key(c) for n, c in configs.items()}
     first = args.variants[0]
-    differ = [n for n in args.variants if keys[n] != keys[first]]
-    if differ:
-        raise SystemExit(f"variants {differ} change the backbone or image size (feature key differs from "
-                         f"{first!r}'s); the test features are extracted once and shared, so run them separately")
     categories = [subset(c, args.max_train, args.max_test) for c in discover(args.data_root, args.categories)]
-    extractor = FeatureExtractor(configs[first].backbone)
-    print(f"{len(categories)} categories under {args.data_root}; backbone weights {extractor.info.weights_source}",
-          file=sys.stderr)
-    tests = load_test_sets(categories, configs[first], extractor)
-    if not tests:
-        raise SystemExit(f"no test images in {args.categories} under {args.data_root}")
+    extractors: dict[str, FeatureExtractor] = {}
+    test_sets: dict[str, list[TestSet]] = {}  # by feature key: read and extracted once for the variants sharing it
+
+    def features_for(name: str) -> tuple[FeatureExtractor, list[TestSet]]:
+        key = keys[name]
+        if key not in extractors:
+            extractors[key] = FeatureExtractor(configs[name].backbone)
+            print(f"{len(categories)} categories under {args.data_root}; backbone {configs[name].backbone.name} "
+                  f"out_indices {configs[name].backbone.out_indices}, weights {extractors[key].info.weights_source}",
+                  file=sys.stderr)
+            test_sets[key] = load_test_sets(categories, configs[name], extractors[key])
+            if not test_sets[key]:
+                raise SystemExit(f"no test images in {args.categories} under {args.data_root}")
+        return extractors[key], test_sets[key]
+
+    tests = features_for(first)[1]  # the same images and masks under every key: the table's rows
     done: list[VariantResult] = []
     for name in args.variants:
         print(f"variant {name!r}: fit on {sum(len(c.train) for c in categories)} train/good images", file=sys.stderr)
+        extractor, variant_tests = features_for(name)
         done.append(VariantResult(name, VARIANTS[name],
-                                  run_seed(categories, tests, configs[name], extractor, test_curves=False)))
+                                  run_seed(categories, variant_tests, configs[name], extractor, test_curves=False)))
         print("\n".join(table(done[-1:], tests)), file=sys.stderr, flush=True)
         text = write(stem, args, args.variants, done, tests, mach, started)
     print(text)

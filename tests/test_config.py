@@ -50,3 +50,12 @@ def test_cpu_profile_has_a_step_budget_and_both_profiles_the_patchcore_baseline(
         strides = [2 ** (cfg.backbone.out_indices[lv] + 1) for lv in cfg.baseline.view.levels]
         assert strides == [8, 16] and cfg.baseline.keep_rate == 0.01
         assert (cfg.baseline.view.local_aggregation, cfg.baseline.view.aggregate_at) == (3, "native")
+
+
+def test_the_cpu_profile_stores_only_the_levels_its_views_look_at():
+    """Every stored level costs disk, extraction writes and the training features' memory: the cpu
+    profile stores Lite0's stride-8 and -16 levels, and LafitE and PatchCore's recipe use both."""
+    c = cpu_profile()
+    stored = range(len(c.backbone.out_indices))
+    used = {lv for view in (c.features, c.baseline.view) for lv in (view.levels or stored)}
+    assert used == set(stored) and [2 ** (i + 1) for i in c.backbone.out_indices] == [8, 16]

@@ -56,3 +56,27 @@ def test_fit_and_evaluate_metal_plate(shared_data, extractor):
     assert by_method["patchcore"].image_auroc >= 0.95 and by_method["patchcore"].pixel_auroc >= 0.95
     assert by_method["lafite"].image_auroc >= 0.95 and by_method["lafite"].pixel_auroc >= 0.95
     assert rows[0].num_images == 97
+
+
+def test_a_stored_level_no_view_looks_at_changes_nothing(small_demo, extractor):
+    """The cpu profile stores only the stride-8 and -16 levels its views use (until session 20 it also
+    stored stride 32): fitting with the extra level stored gives the same model and the same scores."""
+    import numpy as np
+    import torch
+
+    cats = discover(str(small_demo.root))
+    fitted, rows = {}, {}
+    for out_indices in ((2, 3), (2, 3, 4)):
+        cfg = tiny_config(epochs=2).with_updates(backbone={"out_indices": out_indices})
+        ex = extractor if out_indices == tiny_config().backbone.out_indices else FeatureExtractor(cfg.backbone)
+        fitted[out_indices] = fit(cats, cfg, ex).model
+        rows[out_indices] = [(r.category, r.method, r.metrics.image_auroc, r.metrics.pixel_auroc)
+                             for r in evaluate(fitted[out_indices], cats, ex)]
+    a, b = fitted[(2, 3)], fitted[(2, 3, 4)]
+    assert a.backbone["channels"] == [40, 112] and b.backbone["channels"] == [40, 112, 320]
+    assert (a.tau, a.k, a.config.scoring.ddim_steps) == (b.tau, b.k, b.config.scoring.ddim_steps)
+    np.testing.assert_array_equal(a.bank, b.bank)
+    np.testing.assert_array_equal(a.baseline_bank, b.baseline_bank)
+    for (name, x), y in zip(a.unet.state_dict().items(), b.unet.state_dict().values()):
+        assert torch.equal(x, y), name
+    assert rows[(2, 3)] == rows[(2, 3, 4)] and len(rows[(2, 3)]) == 9

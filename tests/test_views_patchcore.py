@@ -53,8 +53,8 @@ def test_view_config_is_validated():
         ViewConfig(local_aggregation=2)
     with pytest.raises(ValidationError, match="distinct"):
         ViewConfig(levels=(1, 1))
-    with pytest.raises(ValidationError, match="gives 3 levels"):
-        cpu_profile().with_updates(features={"levels": (3,)})
+    with pytest.raises(ValidationError, match="gives 2 levels"):  # the cpu profile stores strides 8 and 16
+        cpu_profile().with_updates(features={"levels": (2,)})
 
 
 def test_level_window_spans_native_cells():
@@ -116,7 +116,7 @@ def test_patchcore_bank_size_and_maps_find_the_odd_patch():
 
 
 def _model(cfg, card=None):
-    card = card or {"channels": [40, 112, 320], "reductions": [8, 16, 32]}  # the cpu profile's lite0 levels
+    card = card or {"channels": [40, 112, 320], "reductions": [8, 16, 32]}  # lite0's stride-8, -16, -32 levels
     x = torch.randn(6, sum(card["channels"]), 8, 8, generator=torch.Generator().manual_seed(1))
     grids = native_grids(card, cfg.data.image_size)
     viewed = apply_view(x, cfg.features, card["channels"], grids)
@@ -129,9 +129,9 @@ def _model(cfg, card=None):
     return x, LafiteModel(cfg, st, state.unet.eval(), bank, ("d/c",), card, baseline_bank=pc)
 
 
-def _cfg(**updates):
+def _cfg(**updates):  # three stored levels (lite0's strides 8-32), as _model's card
     return cpu_profile().with_updates(
-        diffusion={"base_channels": 16, "channel_mult": (1, 2)}, backbone={"feature_size": 8},
+        diffusion={"base_channels": 16, "channel_mult": (1, 2)}, backbone={"feature_size": 8, "out_indices": (2, 3, 4)},
         scoring={"ddim_steps": 2}, **updates)
 
 
