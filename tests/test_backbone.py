@@ -29,6 +29,24 @@ def test_extractor_aggregates_four_stages_to_32():
     torch.testing.assert_close(fe.features.conv_stem.weight, clf.conv_stem.weight)
 
 
+@pytest.mark.parametrize("out_indices, cut", [((2, 3), 2), ((0, 1, 2, 3), 2), ((2, 3, 4), 0)])
+def test_blocks_after_the_last_kept_level_are_cut_and_the_levels_unchanged(out_indices, cut):
+    """timm's feature model runs every block whatever it returns; the extractor stops after the last
+    level it keeps (the cpu profile's strides 8-16, the paper's 2-16) and gives the same features."""
+    import timm
+
+    fe = FeatureExtractor(BackboneConfig(out_indices=out_indices))
+    assert fe.blocks_cut == cut and len(fe.features.blocks) == 7 - cut
+    whole = timm.create_model("tf_efficientnet_lite0", pretrained=False, features_only=True, out_indices=out_indices)
+    assert len(whole.blocks) == 7
+    missing, _ = whole.load_state_dict(fe.features.state_dict(), strict=False)
+    assert all(k.startswith(tuple(f"blocks.{i}." for i in range(7 - cut, 7))) for k in missing)
+    x = torch.rand(2, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = aggregate(whole.eval()(fe.normalize(x)), fe.feature_size)
+    torch.testing.assert_close(fe(x), expected, rtol=0, atol=0)
+
+
 def test_random_weights_only_when_asked(caplog):
     fe = FeatureExtractor(BackboneConfig(allow_random_weights=True))
     assert fe.info.weights_source == "random"

@@ -148,6 +148,25 @@ def load_classifier(cfg: BackboneConfig) -> tuple[nn.Module, str]:
     return model, f"hub:{cfg.name}"
 
 
+def drop_unused_blocks(features: nn.Module) -> int:
+    """Cut the blocks after the last level a timm EfficientNet feature model returns; how many were cut.
+
+    timm's ``EfficientNetFeatures.forward`` runs every block whatever ``out_indices`` keeps: with
+    Lite0's stride-8 and -16 levels the two stride-32 blocks (about a third of the backbone's
+    multiply-adds at 224 px) were computed and thrown away. The levels it returns are unchanged.
+    Models of another kind (or with feature hooks) are left as they are.
+    """
+    stage_out = getattr(features, "_stage_out_idx", None)
+    blocks = getattr(features, "blocks", None)
+    if not stage_out or not isinstance(blocks, nn.Sequential) or getattr(features, "feature_hooks", None) is not None:
+        return 0
+    keep = max(stage_out)  # the level after block i is kept when i + 1 is in stage_out
+    cut = max(0, len(blocks) - keep)
+    if cut:
+        features.blocks = blocks[:keep]
+    return cut
+
+
 class FeatureExtractor(nn.Module):
     """Images [B, 3, H, W] (ImageNet-style normalised) -> aggregated features [B, D, S, S].
 
@@ -168,6 +187,7 @@ class FeatureExtractor(nn.Module):
             raise WeightsUnavailableError(f"features-only {base} has keys the full model lacks: {missing[:5]}")
         features.load_state_dict({k: full_state[k] for k in features.state_dict()}, strict=True)
         features.eval().requires_grad_(False)
+        self.blocks_cut = drop_unused_blocks(features)
         self.features = features
         self.feature_size = cfg.feature_size
         pcfg = classifier.pretrained_cfg
