@@ -115,3 +115,25 @@ def test_log_lines_past_the_commit_are_invisible_and_overwritten(tmp_path):
     fs.append("d", "c", [FeatureEntry("b", "u2", "h2")], np.full((1, 2, 2, 2), 2, np.float32))
     assert [(e.id, e.row) for e in fs.entries("d", "c").values()] == [("a", 0), ("b", 1)]
     assert fs._open("d", "c", "r")["entries"].shape == (fs._open("d", "c", "r").attrs["entries_bytes"],)
+
+
+def test_a_crash_in_the_middle_of_moving_to_the_log_is_redone(tmp_path):
+    """The log written, the crash before the commit: the group is still the old kind, and the next
+    append moves it again from the start of the log."""
+    fs = FeatureStore(Store(str(tmp_path)), cpu_profile(), {})
+    _legacy_group(fs, [("a", 1.0), ("b", 2.0)])
+    g = fs._open("d", "c", "a")
+    half = g.create_array("entries", shape=(30,), chunks=(1 << 16,), dtype="uint8", compressors=None)
+    half[:] = np.frombuffer(b'{"id":"x","url":"y","content_h', np.uint8)[:30]
+    assert list(fs.entries("d", "c")) == ["a", "b"]
+    fs.append("d", "c", [FeatureEntry("c", "u-c", "h-c")], np.full((1, 2, 2, 2), 3.0, np.float32))
+    assert [(e.id, e.row) for e in fs.entries("d", "c").values()] == [("a", 0), ("b", 1), ("c", 2)]
+
+
+def test_a_torn_log_is_refused_with_the_groups_name(tmp_path):
+    fs = FeatureStore(Store(str(tmp_path)), cpu_profile(), {})
+    fs.append("d", "c", [FeatureEntry("a", "u", "h")], np.ones((1, 2, 2, 2), np.float32))
+    g = fs._open("d", "c", "a")
+    g.attrs.put({**g.attrs.asdict(), "entries_bytes": g.attrs["entries_bytes"] - 5})  # a commit mid-line
+    with pytest.raises(ValueError, match=r"/d/c: the entries log is torn"):
+        fs.entries("d", "c")

@@ -2,9 +2,11 @@
 
 Group ``features/<feature_key>/<dataset>/<category>`` holds the array ``features`` [N, D, h, w]
 (float32, chunk (1, D, h, w)), the array ``entries`` (uint8: an append-only log of JSON lines
-{id, url, content_hash, row}, chunks of 1 MiB) and attributes ``config_hash``, ``feature_key``,
+{id, url, content_hash, row}, chunks of 64 KiB) and attributes ``config_hash``, ``feature_key``,
 ``backbone``, ``feature_shape``, ``rows`` and ``entries_bytes`` (how many feature rows and log
 bytes are committed). A later line for the same id repoints it (a changed image extracted again).
+One writer at a time per category: two runs extracting the same category at once can leave a torn
+log, which reading then refuses with the group's name (nothing locks a category).
 
 Appending writes the new rows and log lines first and the two counters last: rows and lines past
 them (left by a crash between the two) are invisible and overwritten by the next append. An append
@@ -33,7 +35,7 @@ from lafite_core.store.storage import Store
 
 ARRAY = "features"
 LOG = "entries"
-LOG_CHUNK = 1 << 20  # bytes: an append rewrites at most the log's last chunk or two
+LOG_CHUNK = 1 << 16  # bytes; Zarr writes whole chunks, so an append rewrites the last one or two (64-128 KiB)
 
 
 def feature_key(cfg: PipelineConfig) -> str:
@@ -84,7 +86,8 @@ class FeatureStore:
     def append(self, dataset: str, category: str, new: Sequence[FeatureEntry], features: np.ndarray) -> None:
         """Add rows for ``new`` ([B, D, h, w] features); an id already present is repointed.
 
-        Safe to retry: a repeated append recomputes where the rows go from the committed entries.
+        Safe to retry: a repeated append recomputes where the rows and lines go from the committed
+        counters (``rows``, ``entries_bytes``).
         """
         self.store.retry.call(self._append, dataset, category, new, features,
                               what=f"writing {self._url(dataset, category)}")
@@ -167,6 +170,10 @@ def _committed(g: zarr.Group) -> dict[str, FeatureEntry]:
     if not n:
         return {}
     data = g[LOG][:n].tobytes()
+    if len(data) != n or not data.endswith(b"\n"):
+        raise ValueError(f"{g.store_path}: the entries log is torn ({len(data)} of {n} committed bytes, "
+                         f"ending {data[-40:]!r}); two runs appended to this category at once. Delete the "
+                         f"group to extract its features again")
     out: dict[str, FeatureEntry] = {}
     for line in data.splitlines():
         e = FeatureEntry(**json.loads(line))
