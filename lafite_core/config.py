@@ -31,6 +31,13 @@ class DataConfig(_Frozen):
     max_image_pixels: int = Field(
         100_000_000, ge=1, description="decoding refuses images with more pixels than this"
     )
+    center_crop: float = Field(
+        1.0, gt=0.0, le=1.0,
+        description="fraction of the side kept around the centre: images and masks are resized to "
+                    "image_size / center_crop and cropped to image_size (PatchCore's and anomalib's "
+                    "256 -> 224 is 0.875). The border outside is NEVER inspected, and defects there are "
+                    "not scored; 1.0 (default) inspects the whole image",
+    )
 
 
 class BackboneConfig(_Frozen):

@@ -157,7 +157,8 @@ def load_all(samples: Sequence[Sample], cfg: PipelineConfig, storage_options: di
     """Read and decode ``samples``; unreadable ones come back as failures, in order."""
     ok: list[LoadedSample] = []
     bad: list[LoadFailure] = []
-    for i, item in enumerate(load_many(samples, cfg.data.image_size, cfg.data.max_image_pixels, storage_options)):
+    for i, item in enumerate(load_many(samples, cfg.data.image_size, cfg.data.max_image_pixels, storage_options,
+                                          crop=cfg.data.center_crop)):
         if isinstance(item, LoadFailure):
             bad.append(item)
         else:
@@ -751,10 +752,24 @@ def score_category(
     loaded, failures = load_all(category.test, cfg, storage_options, progress, f"read {category.key}")
     if not loaded:
         raise ValueError(f"{category.key}: no readable test images")
+    warn_cropped_defects(category.key, loaded, cfg.data.center_crop)
     out = score_images(scorer, extractor, [s.image for s in loaded], [s.content_hash for s in loaded], methods)
     progress(f"score {category.key}", len(methods), len(methods))
     return (CategoryScores(category, loaded, {m: o.scores.numpy() for m, o in out.items()},
                            {m: o.maps.numpy() for m, o in out.items()}), failures)
+
+
+def warn_cropped_defects(key: str, loaded: Sequence[LoadedSample], crop: float) -> None:
+    """A WARNING when the centre crop cut off part of a category's ground truth: those defects are not
+    inspected, and the category's metrics are measured on what the crop kept."""
+    cut = sum(s.mask_cut for s in loaded)
+    if not cut:
+        return
+    total = cut + sum(int(s.mask.sum()) for s in loaded if s.mask is not None)
+    gone = sum(1 for s in loaded if s.mask_cut and s.mask is not None and not s.mask.any())
+    log.warning("%s: data.center_crop=%s cuts off %.1f%% of the ground truth's defect pixels; %d defect image(s) "
+                "keep none of theirs inside the crop. Those regions are not inspected, and pixel metrics cover "
+                "the crop only", key, crop, 100.0 * cut / total, gone)
 
 
 def metrics_for(cs: CategoryScores, method: str) -> CategoryMetrics:

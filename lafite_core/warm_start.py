@@ -64,7 +64,8 @@ def incompatibility(parent: PipelineConfig, cfg: PipelineConfig) -> str | None:
     reasons = []
     if feature_key(parent) != feature_key(cfg):
         diff = _differences("backbone", parent.backbone.model_dump(mode="json"), cfg.backbone.model_dump(mode="json"))
-        diff += _differences("data", {"image_size": parent.data.image_size}, {"image_size": cfg.data.image_size})
+        diff += _differences("data", parent.data.model_dump(mode="json"), cfg.data.model_dump(mode="json"),
+                             ("image_size", "center_crop"))
         reasons.append(f"other features (feature key {feature_key(parent)} -> {feature_key(cfg)}: {', '.join(diff)})")
     if parent.features != cfg.features:
         diff = _differences("features", parent.features.model_dump(mode="json"), cfg.features.model_dump(mode="json"))

@@ -134,7 +134,8 @@ def score_items(store_url: str, version: str, run_id: str, shard: int, items: It
                     resigned.append({"image_url": url, "content_hash": digest, "listing_signature": item.signature,
                                      "method": method})
                 continue
-            image, _ = decode_image(data, cfg.data.image_size, url, cfg.data.max_image_pixels)
+            image, _ = decode_image(data, cfg.data.image_size, url, cfg.data.max_image_pixels,
+                                    crop=cfg.data.center_crop)
         except (OSError, ValueError) as exc:
             row = base(url, digest, None, item.signature)
             row["error"] = f"{type(exc).__name__}: {exc}"

@@ -137,3 +137,27 @@ def test_a_torn_log_is_refused_with_the_groups_name(tmp_path):
     g.attrs.put({**g.attrs.asdict(), "entries_bytes": g.attrs["entries_bytes"] - 5})  # a commit mid-line
     with pytest.raises(ValueError, match=r"/d/c: the entries log is torn"):
         fs.entries("d", "c")
+
+
+def test_a_centre_crop_extracts_the_centre_into_a_store_of_its_own(tmp_path, extractor):
+    import torch
+
+    from lafite_core.datapath.features import to_tensor
+    from lafite_core.datapath.images import decode_image
+
+    _dataset(tmp_path / "data", n=2)
+    samples = list(discover(str(tmp_path / "data"))[0].train)
+    store = Store(str(tmp_path / "store"))
+    whole_cfg = cpu_profile()
+    crop_cfg = whole_cfg.with_updates(data={"center_crop": 0.5})
+    for cfg in (whole_cfg, crop_cfg):
+        assert extract_into(FeatureStore(store, cfg, {"name": "lite0"}), samples, extractor).extracted == 2
+    whole, _ = FeatureStore(store, whole_cfg, {"name": "lite0"}).read("ds", "cat", [samples[0].image_id])
+    crop, _ = FeatureStore(store, crop_cfg, {"name": "lite0"}).read("ds", "cat", [samples[0].image_id])
+    image, _ = decode_image(open(samples[0].url, "rb").read(), 224, crop=0.5)
+    with torch.no_grad():
+        direct = extractor(to_tensor([image])).numpy()
+    np.testing.assert_allclose(crop[0], direct[0], rtol=1e-3, atol=1e-4)
+    assert np.abs(crop[0] - whole[0]).mean() > 0.01
+    assert {p.name for p in (tmp_path / "store" / "features").iterdir()} == {feature_key(whole_cfg),
+                                                                            feature_key(crop_cfg)}

@@ -1,4 +1,6 @@
+import hashlib
 import io
+import json
 
 import numpy as np
 import pytest
@@ -152,3 +154,65 @@ def test_large_jpegs_decode_at_reduced_scale_like_a_full_decode(monkeypatch, siz
     assert bool(calls) == drafted  # only images at least twice the model size are decoded smaller
     diff = np.abs(out.astype(int) - full)
     assert diff.mean() < 1.0 and diff.max() <= 12, (diff.mean(), diff.max())
+
+
+def _framed(side=100, border=10):
+    """RGB: a red border ``border`` px wide around a green centre; its mask: defects in the border's
+    top-left corner and a centre square."""
+    arr = np.zeros((side, side, 3), np.uint8)
+    arr[..., 0] = 255
+    arr[border:side - border, border:side - border] = (0, 255, 0)
+    mask = np.zeros((side, side), np.uint8)
+    mask[:border, :border] = 255
+    mask[40:60, 40:60] = 255
+    return _png(arr), _png(mask)
+
+
+def test_center_crop_never_shows_the_border_and_crops_the_mask_alike():
+    from lafite_core.datapath.images import crop_resize_size, decode_mask_cropped
+
+    image, mask = _framed()
+    assert crop_resize_size(224, 0.875) == 256 and crop_resize_size(64, 1.0) == 64
+    whole, _ = decode_image(image, 64)
+    assert (whole[0, 0] == (255, 0, 0)).all()  # the border is there without a crop
+    cropped, original = decode_image(image, 64, crop=0.8)  # resized to 80, the border is 8 px: all cut
+    assert original == (100, 100) and cropped.shape == (64, 64, 3)
+    assert (cropped[..., 0] < 60).all() and (cropped[..., 1] > 200).all()
+    m, cut = decode_mask_cropped(mask, 64, crop=0.8)
+    assert m.shape == (64, 64) and cut == 64  # the 8 x 8 corner on the 80 px grid
+    assert m[24:40, 24:40].all() and m.sum() == 16 * 16  # the centre square, shifted by the 8 px crop
+    assert (decode_mask(mask, 64, crop=0.8) == m).all()
+    assert decode_mask_cropped(mask, 64)[1] == 0  # no crop, nothing cut
+    with pytest.raises(ValueError, match="center crop"):
+        decode_image(image, 64, crop=0.0)
+
+
+def test_center_crop_reaches_samples_and_warns_about_cut_defects(tmp_path, caplog):
+    from lafite_core.config import PipelineConfig
+    from lafite_core.stages import warn_cropped_defects
+    from lafite_core.store.feature_store import feature_key
+
+    image, mask = _framed()
+    root = tmp_path / "ds" / "cat"
+    for sub in ("train/good", "test/good", "test/crack", "ground_truth/crack"):
+        (root / sub).mkdir(parents=True)
+    (root / "train/good/a.png").write_bytes(image)
+    (root / "test/good/g.png").write_bytes(image)
+    (root / "test/crack/c.png").write_bytes(image)
+    (root / "ground_truth/crack/c_mask.png").write_bytes(mask)
+    cat = discover(str(tmp_path))[0]
+    by_stem = {s.stem: s for s in cat.test}
+    loaded = [load_sample(by_stem[s], 64, crop=0.8) for s in ("g", "c")]
+    assert loaded[1].mask_cut == 64 and loaded[1].mask.sum() == 256 and loaded[0].mask_cut == 0
+    assert (loaded[1].image[..., 1] > 200).all()
+    with caplog.at_level("WARNING"):
+        warn_cropped_defects("ds/cat", loaded, 0.8)
+    assert "cuts off 20.0% of the ground truth's defect pixels; 0 defect image(s)" in caplog.text
+    caplog.clear()
+    warn_cropped_defects("ds/cat", [load_sample(by_stem["c"], 64)], 1.0)
+    assert caplog.text == ""
+    # cropped features are other features; uncropped keys did not change with the option
+    base = PipelineConfig()
+    assert feature_key(base.with_updates(data={"center_crop": 0.875})) != feature_key(base)
+    old = {"backbone": base.backbone.model_dump(mode="json"), "image_size": base.data.image_size}  # the key before
+    assert feature_key(base) == "f" + hashlib.sha256(json.dumps(old, sort_keys=True).encode()).hexdigest()[:12]

@@ -391,3 +391,15 @@ def test_reports_render_in_headless_chromium(chromium, evaluated, tmp_path, whic
     found = re.search(r'data-images="(\d+)" data-broken="(\d+)"', dom)
     assert found, dom[-500:]
     assert int(found[1]) == page.read_bytes().count(b"<img") > 0 and int(found[2]) == 0
+
+
+def test_gallery_originals_are_cut_to_the_centre_crop_the_model_saw():
+    from lafite_core.datapath.images import crop_window
+    from lafite_core.report.figures import crop_to_window
+
+    image = np.arange(100 * 200, dtype=np.int32).reshape(100, 200)
+    assert (crop_to_window(image, crop_window(224, 1.0)) == image).all()
+    window = crop_window(224, 0.875)  # resized to 256, the centre 224 kept: 16 px cut on each side
+    assert window == (16 / 256, 240 / 256)
+    part = crop_to_window(image, window)
+    assert part.shape == (88, 176) and part[0, 0] == image[6, 12] and part[-1, -1] == image[93, 187]

@@ -75,6 +75,8 @@ def test_compatible_configs_and_the_reasons_when_not():
     assert "feature key" in backbone and "backbone.name 'tf_efficientnet_lite0' -> 'tf_efficientnet_lite1'" in backbone
     size = incompatibility(cfg, cfg.with_updates(data={"image_size": 256}))
     assert "feature key" in size and "data.image_size 224 -> 256" in size
+    crop = incompatibility(cfg, cfg.with_updates(data={"center_crop": 0.875}))
+    assert "feature key" in crop and "data.center_crop 1.0 -> 0.875" in crop and "image_size" not in crop
     view = incompatibility(cfg, cfg.with_updates(features={"levels": (0,)}))
     assert "view of the features" in view and "features.levels [0, 1] -> [0]" in view and "feature key" not in view
     shape = incompatibility(cfg, cfg.with_updates(diffusion={"base_channels": 128, "channel_mult": (1, 2)}))

@@ -17,7 +17,7 @@ import numpy as np
 from fsspec.core import url_to_fs
 
 from lafite_core.datapath.images import (DEFAULT_MAX_BYTES, IMAGE_EXTENSIONS, ImageDecodeError, MaskRule, decode_image,
-                                         decode_mask)
+                                         decode_mask_cropped)
 from lafite_core.store.storage import RetryPolicy, content_hash, fs_protocol
 
 if TYPE_CHECKING:
@@ -163,6 +163,7 @@ class LoadedSample:
     content_hash: str
     original_size: tuple[int, int]
     mask_error: str | None = None  # why an existing mask could not be used
+    mask_cut: int = 0  # defect pixels the centre crop cut off (DataConfig.center_crop < 1)
 
 
 def read_bytes(url: str, storage_options: dict | None = None, max_bytes: int = DEFAULT_MAX_BYTES) -> bytes:
@@ -179,22 +180,25 @@ def read_bytes(url: str, storage_options: dict | None = None, max_bytes: int = D
 
 
 def load_sample(sample: Sample, size: int, max_pixels: int = 100_000_000,
-                storage_options: dict | None = None) -> LoadedSample:
-    """Read and decode one sample and its mask. Raises ImageDecodeError/OSError naming the file."""
+                storage_options: dict | None = None, crop: float = 1.0) -> LoadedSample:
+    """Read and decode one sample and its mask (``crop``: see :func:`decode_image`).
+    Raises ImageDecodeError/OSError naming the file."""
     data = read_bytes(sample.url, storage_options)
-    image, original = decode_image(data, size, sample.url, max_pixels)
+    image, original = decode_image(data, size, sample.url, max_pixels, crop=crop)
     mask: np.ndarray | None = None
     mask_error = None
+    cut = 0
     if sample.mask_url:
         try:
-            mask = decode_mask(read_bytes(sample.mask_url, storage_options), size, sample.mask_url,
-                               expected_size=original, max_pixels=max_pixels, rule=sample.mask_rule)
+            mask, cut = decode_mask_cropped(read_bytes(sample.mask_url, storage_options), size, sample.mask_url,
+                                            expected_size=original, max_pixels=max_pixels, rule=sample.mask_rule,
+                                            crop=crop)
         except (OSError, ValueError) as exc:
             mask_error = f"{type(exc).__name__}: {exc}"
             log.warning("unusable mask, image left out of pixel metrics: %s", mask_error)
     elif sample.label == 0:
         mask = np.zeros((size, size), dtype=bool)
-    return LoadedSample(sample, image, mask, content_hash(data), original, mask_error)
+    return LoadedSample(sample, image, mask, content_hash(data), original, mask_error, cut)
 
 
 def list_images(source: str, storage_options: dict | None = None) -> list[str]:

@@ -27,7 +27,7 @@ class LoadFailure:
 
 def load_many(
     samples: Iterable[Sample], size: int, max_pixels: int, storage_options: dict | None = None,
-    workers: int = 4, prefetch: int = 48,
+    workers: int = 4, prefetch: int = 48, crop: float = 1.0,
 ) -> Iterator[LoadedSample | LoadFailure]:
     """Loads samples in order; each is a LoadedSample or a LoadFailure with the reason.
 
@@ -37,7 +37,7 @@ def load_many(
 
     def one(s: Sample) -> LoadedSample | LoadFailure:
         try:
-            return load_sample(s, size, max_pixels, storage_options)
+            return load_sample(s, size, max_pixels, storage_options, crop)
         except (OSError, ValueError) as exc:
             return LoadFailure(s, f"{type(exc).__name__}: {exc}")
 

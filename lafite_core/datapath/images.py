@@ -5,6 +5,8 @@ binarised by a :data:`MaskRule`: at half the value range, or any non-zero value)
 ``max_pixels`` are refused before their pixels are decoded. A JPEG larger than the model size is
 decoded at a reduced scale (1/2, 1/4 or 1/8 in the DCT, ``PIL.Image.draft``) that keeps both sides
 at least the model size, before the resize: a camera-sized image then costs a fraction of a full decode.
+With a centre crop (``crop`` < 1, ``DataConfig.center_crop``) images and masks are resized to a larger
+square and only its centre S x S is kept, as PatchCore's evaluation does (256 -> 224).
 """
 
 from __future__ import annotations
@@ -87,25 +89,62 @@ def _rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB")
 
 
+def crop_resize_size(size: int, crop: float) -> int:
+    """The square side an image is resized to before its centre ``size`` x ``size`` is kept
+    (``crop`` = 1: no crop; PatchCore's 256 -> 224 is ``crop`` 0.875)."""
+    if not 0.0 < crop <= 1.0:
+        raise ValueError(f"center crop must be in (0, 1], got {crop}")
+    return max(size, round(size / crop))
+
+
+def crop_window(size: int, crop: float) -> tuple[float, float]:
+    """Where the centre crop lies on each axis, as fractions (start, end) of the image's width or height."""
+    full = crop_resize_size(size, crop)
+    x0 = (full - size) // 2
+    return x0 / full, (x0 + size) / full
+
+
+def _resize_crop(im: Image.Image, size: int, crop: float, resample: int) -> Image.Image:
+    full = crop_resize_size(size, crop)
+    im = im.resize((full, full), resample)
+    if full == size:
+        return im
+    x0 = round(crop_window(size, crop)[0] * full)
+    return im.crop((x0, x0, x0 + size, x0 + size))
+
+
 def decode_image(
     data: bytes, size: int, name: str = "<bytes>", max_pixels: int = 100_000_000,
-    max_bytes: int = DEFAULT_MAX_BYTES,
+    max_bytes: int = DEFAULT_MAX_BYTES, crop: float = 1.0,
 ) -> tuple[np.ndarray, tuple[int, int]]:
-    """Bytes -> (RGB uint8 [size, size, 3], original (width, height)); JPEGs decode at a reduced scale."""
-    im, original = _open(data, name, max_pixels, max_bytes, draft=size if JPEG_DRAFT else None)
-    rgb = _rgb(im).resize((size, size), Image.BILINEAR)
+    """Bytes -> (RGB uint8 [size, size, 3], original (width, height)); JPEGs decode at a reduced scale.
+
+    ``crop`` < 1 resizes to :func:`crop_resize_size` and keeps the centre: the border is never seen.
+    """
+    full = crop_resize_size(size, crop)
+    im, original = _open(data, name, max_pixels, max_bytes, draft=full if JPEG_DRAFT else None)
+    rgb = _resize_crop(_rgb(im), size, crop, Image.BILINEAR)
     return np.asarray(rgb, dtype=np.uint8).copy(), original
 
 
 def decode_mask(
     data: bytes, size: int, name: str = "<bytes>", expected_size: tuple[int, int] | None = None,
-    max_pixels: int = 100_000_000, rule: MaskRule = "half",
+    max_pixels: int = 100_000_000, rule: MaskRule = "half", crop: float = 1.0,
 ) -> np.ndarray:
-    """Mask bytes -> bool [size, size]: binarised by ``rule`` (see :data:`MaskRule`), then nearest resize.
+    """Mask bytes -> bool [size, size]: binarised by ``rule`` (see :data:`MaskRule`), then nearest resize
+    (and the same centre crop as its image's, see :func:`decode_image`).
 
     ``expected_size`` is the (width, height) of the image the mask belongs to; a mask of another
     size is refused because it cannot be aligned with the image reliably.
     """
+    return decode_mask_cropped(data, size, name, expected_size, max_pixels, rule, crop)[0]
+
+
+def decode_mask_cropped(
+    data: bytes, size: int, name: str = "<bytes>", expected_size: tuple[int, int] | None = None,
+    max_pixels: int = 100_000_000, rule: MaskRule = "half", crop: float = 1.0,
+) -> tuple[np.ndarray, int]:
+    """:func:`decode_mask` and how many defect pixels the centre crop cut off (on the resized grid)."""
     im, _ = _open(data, name, max_pixels, DEFAULT_MAX_BYTES)
     if expected_size is not None and im.size != tuple(expected_size):
         raise ImageDecodeError(
@@ -122,4 +161,7 @@ def decode_mask(
         if im.mode.startswith("I") or im.mode == "F":
             im = _to_8bit(im)
         grey = im.convert("L")
-    return np.asarray(grey.resize((size, size), Image.NEAREST)) >= 128
+    full = np.asarray(grey.resize((crop_resize_size(size, crop),) * 2, Image.NEAREST)) >= 128
+    x0 = (full.shape[0] - size) // 2
+    mask = full[x0:x0 + size, x0:x0 + size].copy()
+    return mask, int(full.sum()) - int(mask.sum())

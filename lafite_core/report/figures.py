@@ -157,6 +157,14 @@ def gallery_panels(image: np.ndarray, amap: np.ndarray, mask: np.ndarray | None,
     return _png_of(shown), overlay_png(shown, heat, low, high), _png_of(m)
 
 
+def crop_to_window(image: np.ndarray, window: tuple[float, float]) -> np.ndarray:
+    """The part of ``image`` [H, W, ...] the model saw: ``window`` (start, end) as fractions of each side
+    (:func:`lafite_core.datapath.images.crop_window`; (0, 1) is the whole image)."""
+    lo, hi = window
+    h, w = image.shape[:2]
+    return image[round(lo * h):round(hi * h), round(lo * w):round(hi * w)]
+
+
 def read_display_image(url: str, max_side: int = 800) -> np.ndarray | None:
     """An image file as RGB uint8 [H, W, 3], at most ``max_side`` px; None (logged) when unreadable."""
     try:

@@ -39,9 +39,11 @@ LOG_CHUNK = 1 << 16  # bytes; Zarr writes whole chunks, so an append rewrites th
 
 
 def feature_key(cfg: PipelineConfig) -> str:
-    """Hash of everything that determines raw features: backbone settings and input size."""
+    """Hash of everything that determines raw features: backbone settings, input size and crop."""
     b = cfg.backbone
     payload = {"backbone": b.model_dump(mode="json"), "image_size": cfg.data.image_size}
+    if cfg.data.center_crop != 1.0:  # keys of uncropped features stay what they were
+        payload["center_crop"] = cfg.data.center_crop
     return "f" + hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -287,7 +289,8 @@ def extract_into(
                     writes.append(writer.submit(fstore.append, ds, cat, [e for e, _ in pending], feats))
                     pending.clear()
 
-            for item in load_many(group, cfg.data.image_size, cfg.data.max_image_pixels, storage_options):
+            for item in load_many(group, cfg.data.image_size, cfg.data.max_image_pixels, storage_options,
+                                  crop=cfg.data.center_crop):
                 done += 1
                 if isinstance(item, LoadFailure):
                     failures.append((item.sample.url, item.error))
