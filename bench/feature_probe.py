@@ -32,6 +32,7 @@ from common import SHARED_DATA, machine, write_text
 from lafite_core.config import BackboneConfig, CoresetConfig
 from lafite_core.datapath.data import discover
 from lafite_core.datapath.features import load_many, to_tensor
+from lafite_core.datapath.images import decode_mask
 from lafite_core.method.backbone import FeatureExtractor
 from lafite_core.method.coreset import select_coreset
 from lafite_core.method.editing import editing_weights
@@ -96,7 +97,7 @@ def native_levels(category: str, size: int, cache: Path, backbone: str = "tf_eff
     "center-crop" (stretched to size / 0.875, its centre size x size kept: PatchCore's 256 -> 224;
     ``DataConfig.center_crop``) or "tiles" (:func:`tiled_levels`). Also records the defect pixels the crop cut off (``test_cut``)."""
     suffix = "" if backbone == "tf_efficientnet_lite0" else f"_{backbone.removeprefix('tf_efficientnet_')}"
-    suffix += "" if resize == "square" else f"_{resize}"
+    suffix += {"square": "", "center-crop": f"_crop{CROP}"}.get(resize, f"_{resize}")
     path = cache / f"{category}_{size}{suffix}.npz"
     if path.exists():
         return dict(np.load(path))
@@ -153,7 +154,8 @@ def tiles_of(path: str, size: int) -> tuple[list[np.ndarray], list[int], tuple[i
     the fewest ``size`` x ``size`` tiles that cover its long side, evenly spaced (overlapping)."""
     from PIL import Image
 
-    im = Image.open(path).convert("RGB")
+    with Image.open(path) as f:
+        im = f.convert("RGB")
     w, h = im.size
     scale = size / min(w, h)
     W, H = max(size, round(w * scale)), max(size, round(h * scale))
@@ -166,8 +168,6 @@ def tiles_of(path: str, size: int) -> tuple[list[np.ndarray], list[int], tuple[i
 def tiled_levels(category: str, size: int, ex: FeatureExtractor) -> dict[str, np.ndarray]:
     """Native maps of every tile (``tiles_of``), with each tile's image, offset and the image's resized
     (width, height); masks on the pipeline's size x size grid (stretched), so metrics compare."""
-    from PIL import Image
-
     cat = discover(str(SHARED_DATA), [category])[0]
     out: dict[str, np.ndarray] = {}
     for split, samples in (("train", cat.train), ("test", cat.test)):
@@ -192,7 +192,7 @@ def tiled_levels(category: str, size: int, ex: FeatureExtractor) -> dict[str, np
             labels.append(sample.label)
             mask = np.zeros((size, size), bool)
             if sample.mask_url:
-                mask = np.asarray(Image.open(sample.mask_url).convert("L").resize((size, size), Image.NEAREST)) >= 128
+                mask = decode_mask(Path(sample.mask_url).read_bytes(), size, sample.mask_url, rule=sample.mask_rule)
             masks.append(mask)
         if batch:
             flush()
@@ -334,7 +334,10 @@ def main(argv: list[str] | None = None) -> None:
     data = native_levels(args.category, args.size, Path(args.cache), args.backbone, args.resize)
     if args.eval_margin:
         m = args.eval_margin
-        valid = np.unpackbits(data["test_valid"], axis=-1)[..., :args.size].astype(bool)
+        if not 0 < m < args.size // 2:
+            p.error(f"--eval-margin must lie in [0, {args.size // 2}), got {m}")
+        valid = (np.unpackbits(data["test_valid"], axis=-1)[..., :args.size].astype(bool) if "test_valid" in data
+                 else np.ones((len(data["test_labels"]), args.size, args.size), bool))
         valid[:, :m], valid[:, -m:], valid[:, :, :m], valid[:, :, -m:] = False, False, False, False
         data["test_valid"] = np.packbits(valid, axis=-1)
     short = args.backbone.removeprefix("tf_efficientnet_")

@@ -403,3 +403,17 @@ def test_gallery_originals_are_cut_to_the_centre_crop_the_model_saw():
     assert window == (16 / 256, 240 / 256)
     part = crop_to_window(image, window)
     assert part.shape == (88, 176) and part[0, 0] == image[6, 12] and part[-1, -1] == image[93, 187]
+
+
+def test_reports_read_the_window_from_the_versions_config(tmp_path):
+    from lafite_core.config import cpu_profile
+    from lafite_core.report.figures import model_window
+    from lafite_core.store.storage import Store
+
+    store = Store(str(tmp_path))
+    cropped = json.loads(cpu_profile().with_updates(data={"center_crop": 0.875}).to_json())
+    store.write_json(layout.model_file("v-crop", "model.json"), {"config": cropped})
+    old = json.loads(cpu_profile().to_json())
+    del old["data"]["center_crop"]  # a version published before the option
+    store.write_json(layout.model_file("v-old", "model.json"), {"config": old})
+    assert model_window(store, "v-crop") == (16 / 256, 240 / 256) and model_window(store, "v-old") == (0.0, 1.0)

@@ -109,7 +109,7 @@ def _resize_crop(im: Image.Image, size: int, crop: float, resample: int) -> Imag
     im = im.resize((full, full), resample)
     if full == size:
         return im
-    x0 = round(crop_window(size, crop)[0] * full)
+    x0 = (full - size) // 2  # as crop_window says
     return im.crop((x0, x0, x0 + size, x0 + size))
 
 

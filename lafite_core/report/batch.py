@@ -15,7 +15,8 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from lafite_core.report.counts import NO_CATEGORY, BatchCounts, count_by_category
-from lafite_core.report.figures import display_size, histogram_figure, read_display_image, resized_png
+from lafite_core.report.figures import (crop_to_window, display_size, histogram_figure, model_window,
+                                        read_display_image, resized_png)
 from lafite_core.report.page import Page, esc, write_files
 from lafite_core.store import layout
 from lafite_core.store.storage import Store
@@ -163,9 +164,11 @@ def load(store: Store, version: str, run_id: str, counts: BatchCounts | None = N
     if counts is None and store.exists(*layout.report(run_id, RUN_FILE)):
         counts = BatchCounts(**store.read_json(*layout.report(run_id, RUN_FILE)))
     previews = {}
+    window = model_window(store, version)
     for rs in most_anomalous(rows, top_n).values():
         for r in rs:
-            previews[r["image_url"]] = Preview(read_display_image(r["image_url"]),
+            image = read_display_image(r["image_url"])
+            previews[r["image_url"]] = Preview(None if image is None else crop_to_window(image, window),
                                                read_display_image(r["heatmap_url"]) if r["heatmap_url"] else None)
     return BatchInputs(run_id, version, rows, counts, previews)
 

@@ -13,13 +13,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from lafite_core.datapath.images import crop_window
 from lafite_core.method.calibration import Calibration
 from lafite_core.method.metrics import auroc, average_precision, pr_curve, roc_curve
 from lafite_core.report.evidence import CategoryEvidence, Curve, GalleryItem, GalleryRole
 from lafite_core.report.figures import (
-    crop_to_window, curves_figure, display_size, gallery_panels, histogram_figure, loss_figure, read_display_image,
-    search_figure,
+    crop_to_window, curves_figure, display_size, gallery_panels, histogram_figure, loss_figure, model_window,
+    read_display_image, search_figure,
 )
 from lafite_core.report.page import Page, esc, pct, write_files
 from lafite_core.stages import CALIBRATION_FILE, CARD_FILE, SEARCH_FILE
@@ -248,8 +247,7 @@ def load(store: Store, run_id: str) -> EvaluationInputs:
     for ds, cat in dict.fromkeys((r["dataset"], r["category"]) for r in metrics):
         if store.exists(*layout.evidence(run_id, ds, cat)):
             evidence.append(CategoryEvidence.from_bytes(store.read_bytes(*layout.evidence(run_id, ds, cat))))
-    data = store.read_json(*layout.model_file(version, "model.json"))["config"]["data"]
-    window = crop_window(data["image_size"], data.get("center_crop", 1.0))
+    window = model_window(store, version)
     originals = {}
     for ev in evidence:
         for g in ev.gallery:

@@ -15,8 +15,10 @@ from PIL import Image
 
 from lafite_core.datapath.data import read_bytes
 from lafite_core.datapath.heatmap import overlay_png
+from lafite_core.datapath.images import crop_window
 from lafite_core.report.evidence import Curve
-from lafite_core.store.storage import StoreError, storage_options_from_env
+from lafite_core.store import layout
+from lafite_core.store.storage import Store, StoreError, storage_options_from_env
 
 log = logging.getLogger(__name__)
 
@@ -155,6 +157,18 @@ def gallery_panels(image: np.ndarray, amap: np.ndarray, mask: np.ndarray | None,
     else:
         m = np.repeat(_resize(mask.astype(np.uint8) * 255, size, Image.NEAREST)[..., None], 3, axis=2)
     return _png_of(shown), overlay_png(shown, heat, low, high), _png_of(m)
+
+
+def model_window(store: Store, version: str) -> tuple[float, float]:
+    """The part of every image a published version looks at (its ``data.center_crop``), for
+    :func:`crop_to_window`; (0, 1) for the whole image and for versions that predate the crop. A version
+    whose files are gone is taken to look at the whole image, with a WARNING."""
+    if not store.exists(*layout.model_file(version, "model.json")):
+        log.warning("report: model %s has no model.json in the store; its images are shown whole (if it used "
+                    "data.center_crop, its heat maps cover the centre only)", version)
+        return 0.0, 1.0
+    data = store.read_json(*layout.model_file(version, "model.json"))["config"]["data"]
+    return crop_window(data["image_size"], data.get("center_crop", 1.0))
 
 
 def crop_to_window(image: np.ndarray, window: tuple[float, float]) -> np.ndarray:
