@@ -45,7 +45,7 @@ from lafite_core.datapath.features import extract
 from lafite_core.method.metrics import auroc, mean_std_over_seeds, summarize
 from lafite_core.method.model import Scorer
 from lafite_core.pipeline import fit
-from lafite_core.stages import CategoryScores, image_seed, load_all, measure
+from lafite_core.stages import CategoryScores, image_seed, load_all, measure, warn_cropped_defects
 from lafite_core.method.scoring import METHODS, AnomalyMaps, Method, window_max
 from lafite_core.method.search import first_stages_steps
 from lafite_core.store.storage import Store, content_hash
@@ -110,6 +110,7 @@ def load_test_sets(categories: list[Category], cfg: PipelineConfig, extractor: F
         loaded, failures = load_all(c.test, cfg)
         for f in failures:
             log.warning("unreadable test image left out: %s", f.error)
+        warn_cropped_defects(c.key, loaded, cfg.data.center_crop)
         train_hashes = {content_hash(read_bytes(s.url)) for s in c.train}
         overlap = sum(s.content_hash in train_hashes for s in loaded)
         if overlap:
