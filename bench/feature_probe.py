@@ -22,6 +22,7 @@ import argparse
 import math
 import sys
 import time
+from typing import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -102,23 +103,28 @@ def native_levels(category: str, size: int, cache: Path, backbone: str = "tf_eff
     if path.exists():
         return dict(np.load(path))
     ex = FeatureExtractor(BackboneConfig(name=backbone, out_indices=(1, 2, 3, 4)))
-    if resize == "tiles":
-        out = tiled_levels(category, size, ex)
-        cache.mkdir(parents=True, exist_ok=True)
-        np.savez(path, **out)
-        return out
+    out = tiled_levels(category, size, ex) if resize == "tiles" else framed_levels(category, size, ex, resize)
+    cache.mkdir(parents=True, exist_ok=True)
+    np.savez(path, **out)
+    return out
+
+
+def level_maps(ex: FeatureExtractor, images: Sequence[np.ndarray]) -> dict[str, np.ndarray]:
+    """{"s<stride>": float16 [N, C, h, w]} of uint8 [S, S, 3] images, in batches of 32."""
+    levels: list[list[np.ndarray]] = [[] for _ in STRIDES]
+    with torch.no_grad():
+        for start in range(0, len(images), 32):
+            for i, lv in enumerate(ex.features(ex.normalize(to_tensor(images[start:start + 32])))):
+                levels[i].append(lv.half().numpy())
+    return {f"s{s}": np.concatenate(parts) for s, parts in zip(STRIDES, levels)}
+
+
+def framed_levels(category: str, size: int, ex: FeatureExtractor, resize: str) -> dict[str, np.ndarray]:
+    """:func:`native_levels` for one frame per image ("square", "letterbox" or "center-crop")."""
     cat = discover(str(SHARED_DATA), [category])[0]
     out: dict[str, np.ndarray] = {}
     for split, samples in (("train", cat.train), ("test", cat.test)):
-        levels: list[list[np.ndarray]] = [[] for _ in STRIDES]
-        labels, masks, valid, batch, cut = [], [], [], [], []
-
-        def flush() -> None:
-            with torch.no_grad():
-                for i, lv in enumerate(ex.features(ex.normalize(to_tensor(batch)))):
-                    levels[i].append(lv.half().numpy())
-            batch.clear()
-
+        cut = []
         if resize == "letterbox":
             items = [letterboxed(s, size) for s in samples]
         else:
@@ -129,23 +135,11 @@ def native_levels(category: str, size: int, cache: Path, backbone: str = "tf_eff
                 cut.append(item.mask_cut)
                 items.append((item.image, item.mask if item.mask is not None else np.zeros((size, size), bool),
                               np.ones((size, size), bool)))
-        for sample, (image, mask, ok) in zip(samples, items):
-            labels.append(sample.label)
-            masks.append(mask)
-            valid.append(ok)
-            batch.append(image)
-            if len(batch) == 32:
-                flush()
-        if batch:
-            flush()
-        for s, parts in zip(STRIDES, levels):
-            out[f"{split}_s{s}"] = np.concatenate(parts)
-        out[f"{split}_labels"] = np.array(labels)
-        out[f"{split}_masks"] = np.packbits(np.stack(masks), axis=-1)
-        out[f"{split}_valid"] = np.packbits(np.stack(valid), axis=-1)
+        out.update({f"{split}_{k}": v for k, v in level_maps(ex, [image for image, _, _ in items]).items()})
+        out[f"{split}_labels"] = np.array([s.label for s in samples])
+        out[f"{split}_masks"] = np.packbits(np.stack([mask for _, mask, _ in items]), axis=-1)
+        out[f"{split}_valid"] = np.packbits(np.stack([ok for _, _, ok in items]), axis=-1)
         out[f"{split}_cut"] = np.array(cut if cut else [0] * len(samples))
-    cache.mkdir(parents=True, exist_ok=True)
-    np.savez(path, **out)
     return out
 
 
@@ -171,35 +165,21 @@ def tiled_levels(category: str, size: int, ex: FeatureExtractor) -> dict[str, np
     cat = discover(str(SHARED_DATA), [category])[0]
     out: dict[str, np.ndarray] = {}
     for split, samples in (("train", cat.train), ("test", cat.test)):
-        levels: list[list[np.ndarray]] = [[] for _ in STRIDES]
-        owner, offs, geo, labels, masks, batch = [], [], [], [], [], []
-
-        def flush() -> None:
-            with torch.no_grad():
-                for i, lv in enumerate(ex.features(ex.normalize(to_tensor(batch)))):
-                    levels[i].append(lv.half().numpy())
-            batch.clear()
-
+        owner, offs, geo, masks, tiles = [], [], [], [], []
         for i, sample in enumerate(samples):
-            tiles, starts, shape = tiles_of(sample.url, size)
-            for tile, start in zip(tiles, starts):
-                batch.append(tile)
-                owner.append(i)
-                offs.append(start)
-                if len(batch) == 32:
-                    flush()
+            cut, starts, shape = tiles_of(sample.url, size)
+            tiles += cut
+            owner += [i] * len(cut)
+            offs += starts
             geo.append(shape)
-            labels.append(sample.label)
             mask = np.zeros((size, size), bool)
             if sample.mask_url:
                 mask = decode_mask(Path(sample.mask_url).read_bytes(), size, sample.mask_url, rule=sample.mask_rule)
             masks.append(mask)
-        if batch:
-            flush()
-        for s, parts in zip(STRIDES, levels):
-            out[f"{split}_s{s}"] = np.concatenate(parts)
+        out.update({f"{split}_{k}": v for k, v in level_maps(ex, tiles).items()})
         out.update({f"{split}_owner": np.array(owner), f"{split}_offs": np.array(offs), f"{split}_geo": np.array(geo),
-                    f"{split}_labels": np.array(labels), f"{split}_masks": np.packbits(np.stack(masks), axis=-1),
+                    f"{split}_labels": np.array([s.label for s in samples]),
+                    f"{split}_masks": np.packbits(np.stack(masks), axis=-1),
                     f"{split}_valid": np.packbits(np.ones((len(samples), size, size), bool), axis=-1)})
     return out
 
