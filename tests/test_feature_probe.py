@@ -1,4 +1,4 @@
-"""bench/feature_probe.py's tiling and centre-crop paths on hand-made inputs."""
+"""bench/feature_probe.py's tiling, centre-crop and reflect-pad paths on hand-made inputs."""
 
 import sys
 from pathlib import Path
@@ -10,7 +10,7 @@ from PIL import Image
 PROJECT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(PROJECT / "bench"))
 
-from feature_probe import cropped_line, stitched, tiles_of  # noqa: E402
+from feature_probe import PAD, cropped_line, stitched, tiles_of, unpadded  # noqa: E402
 
 
 def test_tiles_cover_the_long_side_at_the_short_sides_scale(tmp_path):
@@ -49,3 +49,13 @@ def test_cropped_line_counts_what_the_crop_hid():
             "test_labels": np.array([0, 1, 1])}
     assert cropped_line(data) == ["- the centre crop cut off 71.4% of the test set's defect pixels; "
                                   "1 of 2 defect images keep none of theirs"]
+
+
+def test_unpadded_maps_drop_the_cells_of_the_mirrored_border():
+    # a 224 px image padded by PAD on every side: stride s gives (224 + 2 PAD) / s cells, PAD / s of them padding
+    for stride in (8, 16, 32):
+        side = (224 + 2 * PAD) // stride
+        maps = np.arange(2 * 3 * side * side, dtype=np.float32).reshape(2, 3, side, side)
+        cut = unpadded(maps, PAD // stride)
+        assert cut.shape == (2, 3, 224 // stride, 224 // stride) and cut.flags.c_contiguous
+        np.testing.assert_array_equal(cut, maps[..., PAD // stride:side - PAD // stride, PAD // stride:side - PAD // stride])
