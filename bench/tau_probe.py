@@ -48,6 +48,10 @@ def main(argv=None) -> None:
 
     started = time.perf_counter()
     model, version, categories = published_model(args.store, args.model_version, args.data_root)
+    if model.position_stats is not None:  # fitted at the chosen tau only: every tau is scored as the search does
+        print("scoring.position_norm: the curves score without the model's position statistics, as the search does",
+              flush=True)
+        model = model.with_hyperparameters(model.tau, model.k)
     cfg = model.config
     k = args.k or model.k
     steps = cfg.scoring.ddim_steps

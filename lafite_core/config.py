@@ -122,6 +122,11 @@ class ScoringConfig(_Frozen):
         "GPU searches exactly). PatchCore's bank is always searched exactly")
     ivf_lists: int = Field(0, ge=0, description="inverted lists (0: about 4 sqrt(bank size), >= 32 members a list)")
     ivf_probes: int = Field(8, ge=1, description="lists each query searches")
+    position_norm: bool = Field(
+        False, description="standardise LafitE's feature-level errors at each map position by their mean and std "
+        "over the held-out normal images of all categories (at the chosen tau, K and DDIM steps; fitted after the "
+        "search and kept with the model) before the map and the image score, so positions where normal images "
+        "reconstruct worse (borders, fixtures) do not pass for defects")
 
 
 class SynthesisConfig(_Frozen):

@@ -42,9 +42,9 @@ from lafite_core.datapath.heatmap import overlay_png
 from lafite_core.method.metrics import CategoryMetrics, aupro, auroc, average_precision, compute_category_metrics
 from lafite_core.method.knn import Neighbours
 from lafite_core.method.precision import resolve_precision
-from lafite_core.method.model import MODEL_FILES, LafiteModel, Scorer
+from lafite_core.method.model import MODEL_FILES, POSITION_STATS, LafiteModel, Scorer
 from lafite_core.method.normalize import FeatureStats
-from lafite_core.method.scoring import METHODS, AnomalyMaps, Method
+from lafite_core.method.scoring import METHODS, AnomalyMaps, Method, position_normalized_scores
 from lafite_core.method.search import SearchResult, search_hyperparameters
 from lafite_core.store.storage import Store
 from lafite_core.method.synthesis import build_pseudo_anomalies
@@ -562,6 +562,36 @@ class PseudoEvaluator:
                  "the images outside the search's" if kept is not None else "a point the search did not score")
         return out
 
+    def final_errors(self, model: LafiteModel, chunk: int = 256) -> torch.Tensor:
+        """LafitE's feature-level errors [N, h, w] of the whole pseudo-validation set at ``model``'s tau, K and
+        steps, before position statistics (what ``scoring.position_norm`` fits them on), ``chunk`` images at a
+        time with their bank neighbours searched once."""
+        scorer, n, start = Scorer(model, self.scorer.device), len(self.pseudo.labels), time.perf_counter()
+        out = []
+        for s in range(0, n, chunk):
+            feats = self.feats[s : s + chunk]
+            out.append(scorer.feature_errors(feats, self.pseudo.seeds[s : s + chunk],
+                                             scorer.neighbours(feats, model.k)))
+        log.info("calibration: %d pseudo-validation images scored at tau=%d K=%d DDIM steps=%d in %.1f s "
+                 "(errors for the position statistics)", n, model.tau, model.k, model.config.scoring.ddim_steps,
+                 time.perf_counter() - start)
+        return torch.cat(out) if out else torch.zeros(0)
+
+
+def with_position_stats(model: LafiteModel, errors: torch.Tensor, labels: np.ndarray) -> tuple[LafiteModel, np.ndarray]:
+    """``scoring.position_norm``: (the model with position statistics fitted on the pseudo-validation set's
+    normal images, every pseudo-validation image's LafitE score with them: the normal ones' left out of their
+    own statistics, see :func:`position_normalized_scores`)."""
+    sc = model.config.scoring
+    normal = torch.from_numpy(np.asarray(labels) == 0)
+    stats, scores = position_normalized_scores(errors, normal, model.config.data.image_size, sc.smoothing_sigma,
+                                               sc.image_pool)
+    st = stats.numpy()
+    log.info("position statistics from %d held-out normal images: mean error %.3g (%.3g-%.3g over positions), "
+             "std %.3g (%.3g-%.3g)", int(normal.sum()), st[0].mean(), st[0].min(), st[0].max(), st[1].mean(),
+             st[1].min(), st[1].max())
+    return dataclasses.replace(model, position_stats=st), scores.numpy()
+
 
 @dataclass(frozen=True)
 class Selection:
@@ -586,12 +616,15 @@ def select(
     storage_options: dict | None = None, device: str | None = None, progress: Progress = quiet,
 ) -> Selection:
     """Pseudo-validation set from held-out normals, search tau then K (then DDIM steps) on its
-    ``search.images_per_category`` subset, calibrate the threshold on the whole set.
+    ``search.images_per_category`` subset, calibrate the threshold on the whole set. With
+    ``scoring.position_norm`` the position statistics are fitted at the chosen point on the set's normal
+    images (:func:`with_position_stats`) and the threshold is calibrated on the scores they give.
 
     Returns a new model with the chosen tau and K in its config (``model`` is not changed). Raises
     when no category has held-out normals: the threshold cannot be calibrated without them.
     """
     cfg = model.config
+    model = dataclasses.replace(model, position_stats=None)  # the search scores without (a rerun may pass a tuned one)
     pseudo, failures = pseudo_validation(cfg, extractor, holdout, sources, storage_options, progress)
     subset = (search_subset(pseudo.labels, pseudo.categories, cfg.search.images_per_category, cfg.seed)
               if cfg.search.enabled else None)
@@ -606,7 +639,11 @@ def select(
         log.info("hyperparameter search disabled: tau=%d, K=%d from the config", model.tau, model.k)
         search = SearchResult(model.tau, model.k, ())
     tuned = model.with_hyperparameters(search.tau, search.k, search.ddim_steps)
-    calibration = calibrate(evaluator.final_scores(tuned), pseudo.labels, pseudo.categories, "lafite")
+    if cfg.scoring.position_norm:
+        tuned, scores = with_position_stats(tuned, evaluator.final_errors(tuned), pseudo.labels)
+    else:
+        scores = evaluator.final_scores(tuned)
+    calibration = calibrate(scores, pseudo.labels, pseudo.categories, "lafite")
     return Selection(tuned, search, pseudo, calibration, failures)
 
 
@@ -662,17 +699,23 @@ def training_summary(trained: Trained, unreadable: Sequence[tuple[str, str]], sk
             "skipped_categories": list(skipped)}
 
 
+def position_stats_file(cfg: PipelineConfig) -> tuple[str, ...]:
+    """The position statistics' file name when a searched and calibrated model of ``cfg`` must have it (a
+    model before the search has none: they are fitted at the chosen point)."""
+    return (POSITION_STATS,) if cfg.scoring.position_norm else ()
+
+
 def version_files(files: dict[str, bytes], run_id: str, summary: dict[str, Any]) -> dict[str, bytes]:
     """:func:`selection_files` plus ``config.json`` and the model card, all from one model.json.
 
     tau, K and the threshold are read from the files themselves, so config.json, model.json, the
     card and calibration.json cannot disagree.
     """
-    missing = [n for n in (*MODEL_FILES, SEARCH_FILE, CALIBRATION_FILE) if n not in files]
-    if missing:
-        raise ValueError(f"cannot publish: missing {missing}")
     meta = json.loads(files["model.json"])
     cfg = PipelineConfig.model_validate(meta["config"])
+    missing = [n for n in (*MODEL_FILES, SEARCH_FILE, CALIBRATION_FILE, *position_stats_file(cfg)) if n not in files]
+    if missing:
+        raise ValueError(f"cannot publish: missing {missing}")
     calibration = Calibration.from_json(json.loads(files[CALIBRATION_FILE]))
     card = {"run_id": run_id, "config_hash": config_hash(cfg), "tau": cfg.scoring.tau, "k": cfg.scoring.k,
             "ddim_steps": cfg.scoring.ddim_steps,
@@ -685,7 +728,11 @@ def version_files(files: dict[str, bytes], run_id: str, summary: dict[str, Any])
 def load_published(store: Store, version: str) -> tuple[LafiteModel, Calibration, dict[str, bytes]]:
     """A verified model version of ``store``: the model, its calibration, and all its files."""
     files = store.load_model_files(version)
-    return LafiteModel.from_files(files), Calibration.from_json(json.loads(files[CALIBRATION_FILE])), files
+    model = LafiteModel.from_files(files)
+    if position_stats_file(model.config) and model.position_stats is None:
+        raise ValueError(f"model version {version} is incomplete: scoring.position_norm is on and it has no "
+                         f"{POSITION_STATS}")
+    return model, Calibration.from_json(json.loads(files[CALIBRATION_FILE])), files
 
 
 def published_categories(store: Store, version: str) -> tuple[str, ...]:

@@ -194,7 +194,9 @@ def test_batch_scoring_continues_the_dump_after_a_kill(tmp_path, trained_store, 
     ra, rb = _all_rows(a), _uninterrupted(b, dump)
     key = lambda r: (r["image_url"], r["content_hash"])  # noqa: E731
     assert len(ra) == len({key(r) for r in ra}) == 60  # no duplicate, none missing
-    assert {key(r): r["raw_score"] for r in ra} == pytest.approx({key(r): r["raw_score"] for r in rb})
+    # shards of 2 vs one batch of 60: float32 sums in another order (1e-6 relative once scoring.position_norm
+    # divides the errors by their normal std)
+    assert {key(r): r["raw_score"] for r in ra} == pytest.approx({key(r): r["raw_score"] for r in rb}, rel=1e-5)
     assert {key(r): r["decision"] for r in ra} == {key(r): r["decision"] for r in rb}
     assert not list(Path(a).glob("tables/scores/*/parts/*"))  # adopted parts are cleaned up
     merged = list(Path(a).glob("tables/scores/*/*.parquet"))

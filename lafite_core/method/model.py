@@ -31,6 +31,7 @@ from lafite_core.method.scoring import (
     Method,
     lafite_errors,
     nearest_distance_errors,
+    standardize_positions,
     to_anomaly_maps,
 )
 from lafite_core.method.unet import UNet
@@ -40,7 +41,8 @@ MODEL_FILES = ("unet.pt", "stats.npz", "bank.npy", "model.json")
 BASELINE_BANK = "baseline_bank.npy"  # one more model file, with baseline.recipe "patchcore"
 BANK_CENTROIDS = "bank_centroids.npy"  # one more, with scoring.knn "ivf": the inverted file's lists
 BANK_SOURCES = "bank_sources.npz"  # which fitted image and position each bank row is (a warm start merges them)
-OPTIONAL_MODEL_FILES = (BASELINE_BANK, BANK_CENTROIDS, BANK_SOURCES)
+POSITION_STATS = "position_stats.npy"  # one more, with scoring.position_norm: the normal errors' mean and std
+OPTIONAL_MODEL_FILES = (BASELINE_BANK, BANK_CENTROIDS, BANK_SOURCES, POSITION_STATS)
 
 
 def _npy(array: np.ndarray) -> bytes:
@@ -69,6 +71,10 @@ class LafiteModel:
     # with the model, so every process that loads it builds the same inverted file
     bank_centroids: np.ndarray | None = None
     bank_sources: BankSources | None = None  # where the bank rows come from (for a warm start's merge)
+    # [2, h, w] mean and std of LafitE's feature-level errors of held-out normal images at this model's tau,
+    # K and DDIM steps (scoring.position_norm): fitted after the search (stages.select); when set, LafitE's
+    # errors are standardised with them before the map and the image score
+    position_stats: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         if self.config.baseline.recipe == "patchcore" and self.baseline_bank is None:
@@ -103,13 +109,13 @@ class LafiteModel:
 
     def with_hyperparameters(self, tau: int, k: int, ddim_steps: int | None = None) -> "LafiteModel":
         """A copy scoring with ``tau``, ``k`` and ``ddim_steps`` (None: unchanged; same weights and
-        bank); ``extra`` is copied."""
+        bank); ``extra`` is copied. The copy has no position statistics: they were fitted at the old point."""
         scoring = {"tau": int(tau), "k": int(k)}
         if ddim_steps is not None:
             scoring["ddim_steps"] = int(ddim_steps)
         cfg = self.config.with_updates(scoring=scoring)
         extra = {**self.extra, "config_hash": config_hash(cfg)}
-        return dataclasses.replace(self, config=cfg, extra=extra)
+        return dataclasses.replace(self, config=cfg, extra=extra, position_stats=None)
 
     def to_files(self) -> dict[str, bytes]:
         buf = io.BytesIO()
@@ -137,6 +143,8 @@ class LafiteModel:
             files[BANK_CENTROIDS] = _npy(self.bank_centroids)
         if self.bank_sources is not None:
             files[BANK_SOURCES] = self.bank_sources.to_bytes()
+        if self.position_stats is not None:
+            files[POSITION_STATS] = _npy(self.position_stats)
         return files
 
     @classmethod
@@ -170,6 +178,8 @@ class LafiteModel:
             bank_centroids=np.load(io.BytesIO(files[BANK_CENTROIDS]), allow_pickle=False)
             if BANK_CENTROIDS in files else None,
             bank_sources=BankSources.from_bytes(files[BANK_SOURCES]) if BANK_SOURCES in files else None,
+            position_stats=np.load(io.BytesIO(files[POSITION_STATS]), allow_pickle=False)
+            if POSITION_STATS in files else None,
         )
 
 
@@ -232,6 +242,24 @@ class Scorer:
             parts.append(self.knn.search(patches(x0), k))
         return Neighbours(np.concatenate([p.distances for p in parts]), np.concatenate([p.indices for p in parts]))
 
+    def _batches(self, raw: torch.Tensor, found: Neighbours | None):
+        """(image slice, its rows of ``found`` or None) for every scoring batch of raw features [N, D, h, w]."""
+        bs, per_image = self.model.config.scoring.batch_size, raw.shape[-2] * raw.shape[-1]
+        if found is not None and found.indices.shape[0] != raw.shape[0] * per_image:
+            raise ValueError(f"neighbours for {found.indices.shape[0]} patches given for {raw.shape[0] * per_image}")
+        for s in range(0, raw.shape[0], bs):
+            rows = slice(s * per_image, (s + bs) * per_image)
+            yield slice(s, s + bs), None if found is None else Neighbours(found.distances[rows], found.indices[rows])
+
+    @torch.no_grad()
+    def feature_errors(self, raw: torch.Tensor, seeds: Sequence[int], found: Neighbours | None = None) -> torch.Tensor:
+        """LafitE's feature-level errors [N, h, w] of raw features [N, D, h, w] at the model's tau, K and DDIM
+        steps, batched, before any position statistics (what :func:`fit_position_stats` is fitted on)."""
+        out = []
+        for images, part in self._batches(raw, found):
+            out.append(self.errors(self.normalize(raw[images]), "lafite", seeds[images], found=part).float().cpu())
+        return torch.cat(out) if out else torch.zeros(0, *raw.shape[-2:])
+
     @torch.no_grad()
     def score(
         self, raw: torch.Tensor, method: Method, seeds: Sequence[int],
@@ -241,28 +269,29 @@ class Scorer:
         """Raw features [N, D, h, w] -> AnomalyMaps ([N, S, S] maps, [N] scores), batched.
 
         ``found``: every patch's bank neighbours from :meth:`neighbours` (LafitE and the shared
-        recipe), so that scoring the same features at several K searches the bank once.
+        recipe), so that scoring the same features at several K searches the bank once. LafitE's errors
+        are standardised with the model's position statistics when it has them.
         """
         sc = self.model.config.scoring
         maps, scores = [], []
         cfg = self.model.config
-        per_image = raw.shape[-2] * raw.shape[-1]
-        if found is not None and found.indices.shape[0] != raw.shape[0] * per_image:
-            raise ValueError(f"neighbours for {found.indices.shape[0]} patches given for {raw.shape[0] * per_image}")
-        for s in range(0, raw.shape[0], sc.batch_size):
-            part = None
-            if found is not None:
-                rows = slice(s * per_image, (s + sc.batch_size) * per_image)
-                part = Neighbours(found.distances[rows], found.indices[rows])
+        if method == "lafite" and self.model.position_stats is not None and any(
+                v is not None and v != own for v, own in ((tau, sc.tau), (k, sc.k), (steps, sc.ddim_steps))):
+            raise ValueError(f"the model's position statistics were fitted at tau={sc.tau}, K={sc.k}, "
+                             f"{sc.ddim_steps} DDIM steps; score another point with a copy from with_hyperparameters "
+                             f"(it has none)")
+        for images, part in self._batches(raw, found):
             if method == "patchcore" and cfg.baseline.recipe == "patchcore":
                 # on the scorer's device, as LafitE's view is: the view and the map run there, the search
                 # wherever the baseline's index lives
-                out = patchcore_maps(raw[s : s + sc.batch_size].to(self.device, torch.float32),
+                out = patchcore_maps(raw[images].to(self.device, torch.float32),
                                      self.model.baseline_bank, self.baseline_knn, cfg.baseline, self.model.channels,
                                      self.model.grids, cfg.data.image_size, sc.smoothing_sigma)
             else:
-                x0 = self.normalize(raw[s : s + sc.batch_size])
-                err = self.errors(x0, method, seeds[s : s + sc.batch_size], tau, k, part, steps)
+                x0 = self.normalize(raw[images])
+                err = self.errors(x0, method, seeds[images], tau, k, part, steps)
+                if method == "lafite" and self.model.position_stats is not None:
+                    err = standardize_positions(err, torch.from_numpy(self.model.position_stats))
                 out = to_anomaly_maps(err, cfg.data.image_size, sc.smoothing_sigma, sc.image_pool)
             maps.append(out.maps.cpu())
             scores.append(out.scores.cpu())

@@ -144,3 +144,50 @@ def nearest_distance_errors(x0: torch.Tensor, nearest_sq_dist: torch.Tensor) -> 
     """PatchCore-style errors: squared NN distances [B*h*w] -> L2 distances [B, h, w]."""
     b, _, h, w = x0.shape
     return nearest_sq_dist.clamp_min(0).sqrt().view(b, h, w).to(x0.device, x0.dtype)
+
+
+POSITION_STD_FLOOR = 0.1
+"""A position's std in :func:`fit_position_stats` is at least this share of the mean std over positions,
+so that a position where every normal error is nearly the same does not turn noise into a large score."""
+
+
+def fit_position_stats(errors: torch.Tensor) -> torch.Tensor:
+    """Feature-level errors [N, h, w] of normal images -> [2, h, w]: each position's mean and std
+    (unbiased; floored at ``POSITION_STD_FLOOR`` of their mean over positions), for
+    :func:`standardize_positions` (``scoring.position_norm``). Needs at least 2 images."""
+    if errors.ndim != 3 or errors.shape[0] < 2:
+        raise ValueError(f"position statistics need feature-level errors of at least 2 normal images, got "
+                         f"shape {tuple(errors.shape)}")
+    x = errors.double()
+    std = x.std(0)
+    std = std.clamp_min(max(POSITION_STD_FLOOR * float(std.mean()), 1e-12))
+    return torch.stack([x.mean(0), std]).to(torch.float32)
+
+
+def standardize_positions(errors: torch.Tensor, stats: torch.Tensor) -> torch.Tensor:
+    """Errors [B, h, w] less each position's normal mean, over its normal std (``stats`` [2, h, w])."""
+    if stats.shape[-2:] != errors.shape[-2:]:
+        raise ValueError(f"position statistics are for {tuple(stats.shape[-2:])} maps, the errors are "
+                         f"{tuple(errors.shape[-2:])}: the model's features changed since they were fitted")
+    stats = stats.to(errors.device, errors.dtype)
+    return (errors - stats[0]) / stats[1]
+
+
+def position_normalized_scores(errors: torch.Tensor, normal: torch.Tensor, image_size: int, sigma: float,
+                               pool: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(stats [2, h, w], image scores [N]) of errors [N, h, w] with ``normal`` [N] bool marking the normal
+    images the statistics are fitted on. Each normal image is scored with the statistics of the *other*
+    normal images (leave one out), as an unseen normal image would be, so that a threshold calibrated on
+    these scores is not biased low by images that shaped their own statistics."""
+    idx = torch.nonzero(normal).flatten()
+    stats = fit_position_stats(errors[idx])
+    z = standardize_positions(errors, stats)
+    if len(idx) > 2:  # leave-one-out needs 2 images left
+        keep = torch.ones(len(idx), dtype=torch.bool)
+        for j, i in enumerate(idx.tolist()):
+            keep[j] = False
+            z[i] = standardize_positions(errors[i : i + 1], fit_position_stats(errors[idx[keep]]))[0]
+            keep[j] = True
+    scores = torch.cat([to_anomaly_maps(z[s : s + 256], image_size, sigma, pool).scores
+                        for s in range(0, len(z), 256)]) if len(z) else torch.zeros(0)
+    return stats, scores
