@@ -152,6 +152,8 @@ class SeedResult:
     ddim_steps: int = 0
     # detection AUROC per (method, image score) and "dataset/category", from the same maps
     image_scores: dict[tuple[str, str], dict[str, float]] = dataclasses.field(default_factory=dict)
+    # scoring.position_norm: LafitE's metrics rows from the same model and point without its position statistics
+    unstandardized: list[dict] = dataclasses.field(default_factory=list)
 
     def chosen(self, curve: str) -> int:
         return {"tau": self.tau, "k": self.k, "steps": self.ddim_steps}[curve]
@@ -189,6 +191,9 @@ def run_seed(categories: list[Category], tests: list[TestSet], cfg: PipelineConf
     model, sel = fitted.model, fitted.selection
     timings = dict(fitted.timings)
     scorer = Scorer(model)
+    # the search's view of the model: without position statistics, which are fitted at the chosen point only
+    standardized = model.position_stats is not None
+    raw_scorer = Scorer(model.with_hyperparameters(model.tau, model.k)) if standardized else scorer
     seeds = [[image_seed(cfg.seed, s.content_hash) for s in t.loaded] for t in tests]
     cached: dict[str, list[AnomalyMaps]] = {}
     curves: list[CurvePoint] = []
@@ -203,23 +208,23 @@ def run_seed(categories: list[Category], tests: list[TestSet], cfg: PipelineConf
         steps0 = first_stages_steps(cfg.search, cfg.scoring.ddim_steps)
         same_steps = model.config.scoring.ddim_steps == steps0
         for tau in cfg.search.taus:
-            outs = [scorer.score(ts.features, "lafite_no_edit", sd, tau=tau, steps=steps0)
+            outs = [raw_scorer.score(ts.features, "lafite_no_edit", sd, tau=tau, steps=steps0)
                     for ts, sd in zip(tests, seeds)]
             curves.append(CurvePoint("tau", "test", tau, None, mean_image_auroc(tests, outs), None, steps0))
             if tau == model.tau and same_steps:
                 cached["lafite_no_edit"] = outs
         found = [scorer.neighbours(ts.features, max(cfg.search.ks)) for ts in tests]  # once for every K
         for k in cfg.search.ks:
-            outs = [scorer.score(ts.features, "lafite", sd, tau=model.tau, k=k, steps=steps0, found=f)
+            outs = [raw_scorer.score(ts.features, "lafite", sd, tau=model.tau, k=k, steps=steps0, found=f)
                     for ts, sd, f in zip(tests, seeds, found)]
             curves.append(CurvePoint("k", "test", model.tau, k, mean_image_auroc(tests, outs), None, steps0))
-            if k == model.k and same_steps:
+            if k == model.k and same_steps and not standardized:
                 cached["lafite"] = outs
         for steps in cfg.search.ddim_steps:
-            outs = [scorer.score(ts.features, "lafite", sd, steps=steps, found=f)
+            outs = [raw_scorer.score(ts.features, "lafite", sd, steps=steps, found=f)
                     for ts, sd, f in zip(tests, seeds, found)]
             curves.append(CurvePoint("steps", "test", model.tau, model.k, mean_image_auroc(tests, outs), None, steps))
-            if steps == model.config.scoring.ddim_steps:
+            if steps == model.config.scoring.ddim_steps and not standardized:
                 cached["lafite"] = outs
         print(f"  .. test curves: {len(cfg.search.taus) + len(cfg.search.ks) + len(cfg.search.ddim_steps)} passes in "
               f"{time.perf_counter() - t:.1f} s", file=sys.stderr)
@@ -230,10 +235,11 @@ def run_seed(categories: list[Category], tests: list[TestSet], cfg: PipelineConf
             cached[method] = [scorer.score(ts.features, method, sd) for ts, sd in zip(tests, seeds)]
     rows = test_rows(scorer, tests, METHODS, cached)
     image_scores = image_score_variants(tests, cached, cfg.scoring.image_pool)
+    unstandardized = test_rows(raw_scorer, tests, ("lafite",)) if standardized else []
     timings["test_scoring_and_metrics"] = time.perf_counter() - t
     timings["seed_total"] = time.perf_counter() - t0
     return SeedResult(cfg.seed, cfg, rows, curves, model.tau, model.k, sel.searched, timings,
-                      model.config.scoring.ddim_steps, image_scores)
+                      model.config.scoring.ddim_steps, image_scores, unstandardized)
 
 
 IMAGE_POOLS = (1, 8, 16, 32, 64)
@@ -284,6 +290,23 @@ def image_score_table(results: list[SeedResult]) -> str:
     return "\n".join(lines)
 
 
+def seed_lines(res: SeedResult) -> list[str]:
+    """One line per category and method of a finished seed: detection / localisation AUROC and AUPRO in %."""
+    rows = [(r, "") for r in res.rows] + [(r, " without position statistics") for r in res.unstandardized]
+    return [f"  seed {res.seed} {r['dataset']}/{r['category']} {METHOD_NAMES[r['method']]}{note}: "
+            f"{100 * r['image_auroc']:.1f} / {100 * (r['pixel_auroc'] or float('nan')):.1f}, AUPRO "
+            f"{100 * (r['aupro'] or float('nan')):.1f}" for r, note in rows]
+
+
+def unstandardized_table(results: list[SeedResult], tests: list[TestSet]) -> str:
+    """scoring.position_norm's ablation: LafitE's table row from the same models and points, with and without
+    their position statistics."""
+    plain = [dataclasses.replace(r, rows=r.unstandardized) for r in results]
+    return ("### LafitE without its position statistics (same models, same tau, K and DDIM steps)\n\n"
+            + metric_table(plain, tests, ("image_auroc", "pixel_auroc"), "Detection / localisation AUROC", ("lafite",))
+            + "\n\n" + metric_table(plain, tests, ("aupro", None), "AUPRO (localisation, FPR <= 0.3)", ("lafite",)))
+
+
 # --------------------------------------------------------------------------- Markdown
 
 
@@ -299,11 +322,12 @@ def over_seeds(values: list[float | None]):
     return mean_std_over_seeds(present) if present else None
 
 
-def metric_table(results: list[SeedResult], tests: list[TestSet], pair: tuple[str, str | None], title: str) -> str:
+def metric_table(results: list[SeedResult], tests: list[TestSet], pair: tuple[str, str | None], title: str,
+                 methods: Sequence[Method] = METHODS) -> str:
     """Rows: categories, mean, inter-category std; columns: methods; cells 'a / b' (mean ± std over seeds)."""
     a, b = pair
-    head = "| category | " + " | ".join(METHOD_NAMES[m] for m in METHODS) + " |"
-    lines = [f"### {title}", "", head, "|" + "---|" * (len(METHODS) + 1)]
+    head = "| category | " + " | ".join(METHOD_NAMES[m] for m in methods) + " |"
+    lines = [f"### {title}", "", head, "|" + "---|" * (len(methods) + 1)]
 
     def cell(values_a, values_b) -> str:
         sa = pct(over_seeds(values_a))
@@ -316,11 +340,11 @@ def metric_table(results: list[SeedResult], tests: list[TestSet], pair: tuple[st
     for ts in tests:
         ds, cat = ts.category.dataset, ts.category.name
         flag = " (!)" if ts.overlap else ""
-        cells = [cell(per_seed(ds, cat, m, a), per_seed(ds, cat, m, b) if b else None) for m in METHODS]
+        cells = [cell(per_seed(ds, cat, m, a), per_seed(ds, cat, m, b) if b else None) for m in methods]
         lines.append(f"| {ds}/{cat}{flag} | " + " | ".join(cells) + " |")
     for label, field in (("**mean**", "mean"), ("inter-category std", "std")):
         cells = []
-        for m in METHODS:
+        for m in methods:
             def stat(metric: str) -> list[float | None]:
                 return [getattr(summarize([r[metric] for r in res.rows if r["method"] == m]), field) for res in results]
             cells.append(cell(stat(a), stat(b) if b else None))
@@ -422,6 +446,7 @@ def markdown(args, results: list[SeedResult], tests: list[TestSet], started: flo
             metric_table(results, tests, ("image_ap", "pixel_ap"), "Detection / localisation AP"), "",
             metric_table(results, tests, ("aupro", None), "AUPRO (localisation, FPR <= 0.3)"), "",
             image_score_table(results), "",
+            *([unstandardized_table(results, tests), ""] if any(r.unstandardized for r in results) else []),
             "## Figure 6: tau and K picked on the pseudo-validation set vs. the test set", "",
             "Mean per-category detection AUROC (%); bold: the pseudo-validation pick (pseudo-val row) and the "
             "test-set best (test row).", ""]
@@ -494,6 +519,8 @@ def main(argv=None) -> int:
         print(f"seed {cfg.seed}: fit on {sum(len(c.train) for c in categories)} train/good images", file=sys.stderr)
         curves = args.curves == "all" or (args.curves == "first" and not results)
         results.append(run_seed(categories, tests, cfg, extractor, test_curves=curves))
+        for line in seed_lines(results[-1]):  # each seed's figures as it ends: a run cut short keeps them in its log
+            print(line, file=sys.stderr, flush=True)
 
     text, picks = markdown(args, results, tests, started, mach)
     created = datetime.now(timezone.utc)
